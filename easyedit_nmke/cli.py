@@ -1,0 +1,128 @@
+"""Command line: ``easyedit-nmke edit`` (also ``python -m easyedit_nmke``).
+
+Runs a lifelong (sequential) editing run and prints a results table::
+
+    easyedit-nmke edit --num-edits 50
+    easyedit-nmke edit --hparams hparams/NMKE/smollm2-135m.yaml \\
+        --data ../shared/data/zsre_mend_eval_portability_gpt4.dev.json \\
+        --num-edits 100 --eval-at 10,100 --set mask_mode=none --out results/none.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+DEFAULT_HPARAMS = "hparams/NMKE/smollm2-135m.yaml"
+
+
+def default_hparams_path() -> Path:
+    """The SmolLM2 NMKE YAML: from the working directory, else from the source checkout."""
+    local = Path(DEFAULT_HPARAMS)
+    if local.is_file():
+        return local
+    return PACKAGE_ROOT.parent / "hparams" / "NMKE" / "smollm2-135m.yaml"
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    overrides: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def parse_eval_at(text: Optional[str], num_edits: int) -> List[int]:
+    if not text:
+        points = [t for t in (1, 10, 100, 1000) if t < num_edits]
+        return points + [num_edits]
+    try:
+        return sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--eval-at expects comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easyedit-nmke", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser("edit", help="lifelong sequential editing run with a results table")
+    edit.add_argument("--hparams", type=Path, default=None, help=f"hparams YAML (default {DEFAULT_HPARAMS})")
+    edit.add_argument(
+        "--data", action="append", default=[], help="EasyEdit ZsRE/CounterFact JSON (repeatable; default: demo set)"
+    )
+    edit.add_argument("--num-edits", type=int, default=None, help="number of sequential edits (default: all)")
+    edit.add_argument("--eval-at", default=None, help="checkpoints T, e.g. 10,100 (the last edit is always one)")
+    edit.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
+    edit.add_argument("--metric", choices=["accuracy", "perplexity"], default="accuracy")
+    edit.add_argument("--immediate", action="store_true", help="also score each edit right after applying it")
+    edit.add_argument("--work-dir", type=Path, default=None, help="checkpoint here; a rerun resumes from it")
+    edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    edit.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    from .evaluate.records import DEMO_DATA, load_records
+    from .evaluate.runner import RunConfig, results_table, run_lifelong
+    from .methods import load_hparams, method_spec
+    from .util.model_loader import load_model_and_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hparams_path = args.hparams or default_hparams_path()
+    hparams = load_hparams(hparams_path, parse_overrides(args.set))
+    records = load_records(args.data, limit=args.num_edits)
+    if args.num_edits is not None and len(records) < args.num_edits:
+        print(f"[easyedit-nmke] only {len(records)} records available; running {len(records)} edits", file=sys.stderr)
+    device = hparams.device if isinstance(hparams.device, str) else f"cuda:{hparams.device}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("[easyedit-nmke] CUDA is not available; running on CPU", file=sys.stderr)
+        device = "cpu"
+    model, tok = load_model_and_tokenizer(hparams.model_name, device=device)
+    spec = method_spec(hparams.alg_name)
+    config = RunConfig(
+        eval_at=parse_eval_at(args.eval_at, len(records)),
+        metric=args.metric,
+        immediate=args.immediate,
+        progress=not args.no_progress,
+    )
+    result = run_lifelong(
+        model,
+        tok,
+        hparams,
+        spec,
+        records,
+        config,
+        data_names=[str(p) for p in args.data] or [str(DEMO_DATA.name)],
+        work_dir=args.work_dir,
+    )
+    data = result.to_dict()
+    data["command"] = "easyedit-nmke " + " ".join(sys.argv[1:]) if sys.argv else ""
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=2))
+    print()
+    print(results_table(data))
+    return data
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "edit":
+        run_edit(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

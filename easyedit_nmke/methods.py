@@ -1,0 +1,85 @@
+"""The plugin's editing methods, by ``alg_name``: hparams class, apply function, lifelong state.
+
+One table, read by the EasyEdit registration and by the runner, so a method is
+declared once.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    alg_name: str
+    module: str  # import path of the method folder
+    hparams_class: str
+    apply_function: str
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def hparams_cls(self):
+        return getattr(self.load(), self.hparams_class)
+
+    @property
+    def apply(self) -> Callable[..., Any]:
+        return getattr(self.load(), self.apply_function)
+
+    def edited_parameters(self, hparams: Any) -> List[str]:
+        return self.load().edited_parameter_names(hparams)
+
+    def save_state(self, model: nn.Module, directory: Union[str, Path]) -> None:
+        self.load().save_method_state(model, directory)
+
+    def load_state(self, model: nn.Module, directory: Union[str, Path]) -> None:
+        self.load().load_method_state(model, directory)
+
+
+METHODS: Dict[str, MethodSpec] = {
+    "NMKE": MethodSpec("NMKE", "easyedit_nmke.models.nmke", "NMKEHyperParams", "apply_nmke_to_model"),
+}
+
+
+def method_spec(alg_name: str) -> MethodSpec:
+    try:
+        return METHODS[alg_name]
+    except KeyError:
+        raise ValueError(f"unknown alg_name {alg_name!r}; this plugin provides {sorted(METHODS)}") from None
+
+
+def available_methods() -> List[str]:
+    """Methods whose module imports in this environment."""
+    names = []
+    for name, spec in METHODS.items():
+        try:
+            spec.load()
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def load_hparams(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None):
+    """Read ``alg_name`` from a YAML and build that method's hparams, with overrides applied."""
+    import yaml
+
+    from .util.hparams import HParamsError
+
+    try:
+        with open(path, "r") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
+    except OSError as exc:
+        raise HParamsError(f"hparams file not found: {path}") from exc
+    if not isinstance(raw, dict) or "alg_name" not in raw:
+        raise HParamsError(f"{path}: needs an alg_name key")
+    spec = method_spec(raw["alg_name"])
+    hparams = spec.hparams_cls.from_hparams(path)
+    return hparams.replace(**overrides) if overrides else hparams

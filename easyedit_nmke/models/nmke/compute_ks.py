@@ -1,0 +1,101 @@
+"""Keys (FFN hidden activations at the subject's last token) and current layer outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...util import nethook
+from ...util.model_parts import logits_at, mlp_residual_contribution_module
+from ...util.requests import EditRequest, encode, encode_target, pad_batch, pad_id, subject_last_index
+from .nmke_hparams import NMKEHyperParams
+
+
+def _forward_capture(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    module_names: Sequence[str],
+    inputs: bool,
+):
+    device = next(model.parameters()).device
+    ids, mask = pad_batch([encode(tok, t) for t in texts], pad_id(tok))
+    with torch.no_grad(), nethook.capture(model, list(module_names), inputs=inputs) as record:
+        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return record
+
+
+def compute_ks(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: NMKEHyperParams,
+    layers: Sequence[int],
+    context_templates: List[str],
+) -> Dict[int, torch.Tensor]:
+    """Key per layer: down-projection input at the subject's last token, averaged over context prefixes."""
+    texts = [t.format(request.prompt) for t in context_templates]
+    index = torch.tensor([subject_last_index(tok, t, request.subject) for t in texts])
+    names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in layers}
+    record = _forward_capture(model, tok, texts, list(names.values()), inputs=True)
+    rows = torch.arange(len(texts))
+    return {layer: record[name][rows, index.to(record[name].device)].float().mean(0) for layer, name in names.items()}
+
+
+def layer_output_at_subject(
+    model: nn.Module, tok: PreTrainedTokenizerBase, request: EditRequest, hparams: NMKEHyperParams, layer: int
+) -> torch.Tensor:
+    """Current output of decoder block ``layer`` at the subject's last token of the bare prompt."""
+    name = hparams.layer_module_tmp.format(layer)
+    record = _forward_capture(model, tok, [request.prompt], [name], inputs=False)
+    return record[name][0, subject_last_index(tok, request.prompt, request.subject)].float()
+
+
+@dataclass
+class AttributionInputs:
+    hidden: Dict[int, torch.Tensor]  # layer -> [P, d] post-attention residual at the last token
+    activations: Dict[int, torch.Tensor]  # layer -> [P, d_ff] neuron activations at the last token
+    token_ids: torch.Tensor  # [P] token whose log-prob the attribution measures
+
+
+def collect_attribution_inputs(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: NMKEHyperParams,
+    context_templates: List[str],
+) -> AttributionInputs:
+    """One forward over the edit prompt under every context prefix, reading each edit layer."""
+    device = next(model.parameters()).device
+    texts = [t.format(request.prompt) for t in context_templates]
+    ids, mask = pad_batch([encode(tok, t) for t in texts], pad_id(tok))
+    ids, mask = ids.to(device), mask.to(device)
+    last = mask.sum(1) - 1
+    rows = torch.arange(len(texts), device=device)
+    block_names = {layer: hparams.layer_module_tmp.format(layer) for layer in hparams.layers}
+    mlp_names = {
+        layer: mlp_residual_contribution_module(model, block_names[layer], hparams.mlp_module_tmp.format(layer))
+        for layer in hparams.layers
+    }
+    down_names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers}
+    with torch.no_grad():
+        with nethook.capture(model, list(block_names.values()) + list(mlp_names.values())) as outputs, nethook.capture(
+            model, list(down_names.values()), inputs=True
+        ) as down_inputs:
+            logits = logits_at(model, ids, mask, rows, last)
+    hidden, activations = {}, {}
+    for layer in hparams.layers:
+        # The block output minus what the FFN wrote is the post-attention residual.
+        block_out = outputs[block_names[layer]][rows, last]
+        mlp_out = outputs[mlp_names[layer]][rows, last]
+        hidden[layer] = (block_out - mlp_out).float()
+        activations[layer] = down_inputs[down_names[layer]][rows, last].float()
+    if hparams.attribution_token == "target":
+        first = encode_target(tok, request.target)[0]
+        token_ids = torch.full((len(texts),), first, dtype=torch.long, device=device)
+    else:
+        token_ids = logits.argmax(-1)
+    return AttributionInputs(hidden=hidden, activations=activations, token_ids=token_ids)

@@ -1,0 +1,103 @@
+"""Hyper-parameters of NMKE, in EasyEdit's dataclass style.
+
+The AlphaEdit fields keep AlphaEdit's names and meaning so an AlphaEdit YAML can be
+turned into an NMKE YAML by changing ``alg_name`` and adding the ``mask_*`` and
+``attribution_*`` keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+from ...util.hparams import HParamsError, PluginHyperParams
+
+MASK_MODES = ("hybrid", "general", "specific", "fixed", "none")
+ATTRIBUTION_TOKENS = ("top1", "target")
+
+
+@dataclass
+class NMKEHyperParams(PluginHyperParams):
+    ALG_NAME = "NMKE"
+
+    # --- model / placement -------------------------------------------------
+    model_name: str
+    layers: List[int]
+    rewrite_module_tmp: str  # FFN down projection, e.g. "model.layers.{}.mlp.down_proj"
+    layer_module_tmp: str  # decoder block, e.g. "model.layers.{}"
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+    alg_name: str = "NMKE"
+    device: Union[int, str] = "cpu"
+    layer_selection: str = "all"
+    fact_token: str = "subject_last"
+
+    # --- target vector (ROME/MEMIT/AlphaEdit compute_z) -----------------------
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_loss_layer: int = -1  # -1: the last layer (logits); kept for AlphaEdit YAML compatibility
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    # Stop the optimisation once the mean target-token probability reaches this value.
+    v_stop_prob: float = 0.98
+    context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
+
+    # --- null-space projection (AlphaEdit) ------------------------------------
+    mom2_dataset: str = "wikipedia"  # text file path, HF dataset name (online), or "model-generated"
+    mom2_n_samples: int = 100000
+    mom2_dtype: str = "float32"
+    mom2_max_length: int = 128
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0
+    stats_dir: Optional[str] = None  # default: <cache>/stats
+
+    # --- NMKE neuron attribution and masking ---------------------------------
+    mask_mode: str = "hybrid"
+    attribution_scale: float = 30.0  # lambda: activation amplification
+    attribution_token: str = "top1"  # "top1": the model's own prediction; "target": target_new's first token
+    attribution_backend: str = "auto"
+    # Keep U·diag(g)·V per layer between edits and update it by the low-rank edit
+    # instead of recomputing it (vocab × d_ff floats per layer; turn off for large models).
+    attribution_cache_readout: bool = True
+    entropy_alpha: float = 30.0
+    general_ratio_a: float = 0.1
+    general_ratio_b: float = 0.3
+    specific_ratio_a: float = 0.1
+    specific_ratio_b: float = 0.3
+    fixed_ratio: float = 0.35  # mode 'fixed': both families keep this share
+
+    # --- EasyEdit bookkeeping ------------------------------------------------
+    batch_size: int = 1
+    max_length: int = 40
+    model_parallel: bool = False
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise HParamsError("layers must name at least one layer")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise HParamsError(f"layers must be strictly increasing, got {self.layers}")
+        if self.mask_mode not in MASK_MODES:
+            raise HParamsError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.attribution_token not in ATTRIBUTION_TOKENS:
+            raise HParamsError(
+                f"attribution_token must be one of {ATTRIBUTION_TOKENS}, got {self.attribution_token!r}"
+            )
+        if self.fact_token != "subject_last":
+            raise HParamsError(f"fact_token {self.fact_token!r} is not supported (only 'subject_last')")
+        for name in ("general_ratio", "specific_ratio"):
+            a, b = getattr(self, f"{name}_a"), getattr(self, f"{name}_b")
+            if not (0.0 < b and a + b <= 1.0 and a >= 0.0):
+                raise HParamsError(f"{name}_a/_b must give ratios in (0, 1]: got a={a}, b={b}")
+        if not 0.0 < self.fixed_ratio <= 1.0:
+            raise HParamsError(f"fixed_ratio must be in (0, 1], got {self.fixed_ratio}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
+            raise HParamsError("v_num_grad_steps must be >= 1 and v_lr > 0")
+        if self.nullspace_threshold <= 0 or self.L2 < 0:
+            raise HParamsError("nullspace_threshold must be > 0 and L2 >= 0")
+        for length, count in self.context_template_length_params:
+            if length < 1 or count < 0:
+                raise HParamsError(
+                    f"context_template_length_params entries are [length >= 1, count >= 0], got {[length, count]}"
+                )

@@ -1,0 +1,322 @@
+"""NMKE: AlphaEdit's null-space constrained update, applied only to attributed neurons.
+
+Per call (one batch of requests; batch size 1 in lifelong editing):
+1. target vector z at the last edit layer (``compute_z``);
+2. neuron attribution at every edit layer on the unedited-for-this-call model, and
+   from it one neuron mask per layer (``masking.build_mask``);
+3. per layer, lowest first: keys K, residual R = (z − current output) spread over the
+   remaining layers, Δ = solve(P(K Kᵀ + C) + L2·I, P K Rᵀ), rows of Δ outside the
+   mask zeroed, W_down += Δᵀ;
+4. C += K Kᵀ with the keys recomputed on the edited model (as AlphaEdit).
+
+``mask_mode: none`` skips steps 2 and the masking: it is AlphaEdit.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...util import nethook
+from ...util.model_parts import (
+    check_module_templates,
+    down_weight,
+    down_weight_param_shape_update,
+    norm_parameters,
+    unembedding,
+)
+from ...util.requests import EditRequest, normalise_requests
+from .attribution import ReadoutNorm, neuron_attribution_scores, readout_product
+from .compute_ks import collect_attribution_inputs, compute_ks, layer_output_at_subject
+from .compute_z import compute_z
+from .masking import NeuronMask, build_mask
+from .nmke_hparams import NMKEHyperParams
+from .nullspace import key_second_moments, null_space_projector
+from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
+
+_CONTEXT_SEEDS = ["The", "Therefore", "Because", "I", "You"]
+
+
+class EditError(RuntimeError):
+    """The edit could not be computed; the model was left unchanged."""
+
+
+def generate_context_templates(
+    model: nn.Module, tok: PreTrainedTokenizerBase, length_params: Sequence[Sequence[int]], seed: int = 0
+) -> List[str]:
+    """"{}" plus short model-written prefixes (AlphaEdit's context templates), seeded for reproducibility."""
+    templates = ["{}"]
+    device = next(model.parameters()).device
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    padding_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for length, count in length_params:
+            if count == 0:
+                continue
+            seeds = [_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)] for i in range(count)]
+            enc = tok(seeds, return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    top_k=5,
+                    max_new_tokens=length,
+                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                )
+            for text in tok.batch_decode(out, skip_special_tokens=True):
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                templates.append(text + ". {}")
+    finally:
+        tok.padding_side = padding_side
+        torch.random.set_rng_state(rng_state)
+    return templates
+
+
+def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> NMKEState:
+    """The model's lifelong state, built on first use (projectors from corpus statistics, prefixes)."""
+    state = get_state(model)
+    if state is not None:
+        ok, why = state_layers_match(state, hparams.layers)
+        if not ok:
+            raise EditError(why + "; call reset_nmke_state(model) or use matching hparams")
+    else:
+        state = NMKEState(layers=list(hparams.layers))
+    device = next(model.parameters()).device
+    missing = [layer for layer in hparams.layers if layer not in state.projectors]
+    if missing:
+        start = time.perf_counter()
+        moments = key_second_moments(model, tok, hparams, missing)
+        for layer in missing:
+            state.projectors[layer] = null_space_projector(moments[layer], hparams.nullspace_threshold).to(device)
+        state.add_time("projector", time.perf_counter() - start)
+    for layer in hparams.layers:
+        if layer not in state.key_cache:
+            d_ff = state.projectors[layer].shape[0]
+            state.key_cache[layer] = torch.zeros(d_ff, d_ff, device=device)
+        state.kept_neurons.setdefault(layer, 0)
+    if not state.context_templates:
+        state.context_templates = generate_context_templates(model, tok, hparams.context_template_length_params)
+    return attach_state(model, state)
+
+
+def _readout_norm(model: nn.Module, hparams: NMKEHyperParams) -> ReadoutNorm:
+    kind, gain, bias, eps = norm_parameters(nethook.get_module(model, hparams.ln_f_module))
+    return ReadoutNorm(
+        kind=kind, gain=gain.detach().float(), bias=None if bias is None else bias.detach().float(), eps=eps
+    )
+
+
+def _readout_matrix(
+    state: NMKEState,
+    layer: int,
+    weight: torch.Tensor,
+    weight_d_by_f: torch.Tensor,
+    unembed: torch.Tensor,
+    norm: ReadoutNorm,
+    cache: bool,
+) -> Optional[torch.Tensor]:
+    if not cache:
+        return None
+    entry = state.readout.get(layer)
+    # Any in-place write to the weight (a restore by the editor, another method) bumps its
+    # version counter, so a stale product is never reused.
+    if entry is None or entry.weight_version != weight._version:
+        entry = ReadoutCache(readout_product(unembed, weight_d_by_f.detach().float(), norm), weight._version)
+        state.readout[layer] = entry
+    return entry.matrix
+
+
+def compute_neuron_masks(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: List[EditRequest],
+    hparams: NMKEHyperParams,
+    state: NMKEState,
+) -> Dict[int, NeuronMask]:
+    """One mask per edit layer, from attribution scores pooled over the requests' prompts."""
+    if hparams.mask_mode == "none":
+        return {}
+    inputs = [collect_attribution_inputs(model, tok, r, hparams, state.context_templates) for r in requests]
+    unembed, unembed_bias = unembedding(model)
+    norm = _readout_norm(model, hparams)
+    masks = {}
+    for layer in hparams.layers:
+        module = nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))
+        weight = down_weight(module)
+        readout = _readout_matrix(
+            state, layer, module.weight, weight, unembed.detach(), norm, hparams.attribution_cache_readout
+        )
+        scores = torch.cat(
+            [
+                neuron_attribution_scores(
+                    x.hidden[layer],
+                    x.activations[layer],
+                    weight.detach(),
+                    unembed.detach(),
+                    norm,
+                    x.token_ids,
+                    scale=hparams.attribution_scale,
+                    unembed_bias=None if unembed_bias is None else unembed_bias.detach(),
+                    readout=readout,
+                    backend=hparams.attribution_backend,
+                )
+                for x in inputs
+            ]
+        )
+        masks[layer] = build_mask(scores, hparams)
+    return masks
+
+
+def execute_nmke(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: List[EditRequest],
+    hparams: NMKEHyperParams,
+    state: NMKEState,
+) -> Dict[str, Any]:
+    """Apply the edit in place; on any failure restore the edited weights and raise ``EditError``."""
+    layers = hparams.layers
+    modules = {layer: nethook.get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in layers}
+    originals = {layer: modules[layer].weight.detach().clone() for layer in layers}
+    info: Dict[str, Any] = {"z_steps": [], "z_target_prob": [], "kept_fraction": {}}
+    try:
+        start = time.perf_counter()
+        targets = []
+        for request in requests:
+            tv = compute_z(model, tok, request, hparams, layers[-1], state.context_templates)
+            targets.append(tv.z)
+            info["z_steps"].append(tv.steps)
+            info["z_target_prob"].append(tv.target_prob)
+        zs = torch.stack(targets, dim=1)  # [d, n]
+        state.add_time("z", time.perf_counter() - start)
+
+        start = time.perf_counter()
+        masks = compute_neuron_masks(model, tok, requests, hparams, state)
+        state.add_time("attribution", time.perf_counter() - start)
+
+        unembed, _ = unembedding(model)
+        norm = _readout_norm(model, hparams) if masks and hparams.attribution_cache_readout else None
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                start = time.perf_counter()
+                keys = torch.stack(
+                    [compute_ks(model, tok, r, hparams, [layer], state.context_templates)[layer] for r in requests],
+                    dim=1,
+                )  # [d_ff, n]
+                current = torch.stack(
+                    [layer_output_at_subject(model, tok, r, hparams, layers[-1]) for r in requests], dim=1
+                )
+                residual = (zs - current) / (len(layers) - i)  # [d, n]
+                state.add_time("keys", time.perf_counter() - start)
+
+                start = time.perf_counter()
+                projector = state.projectors[layer]
+                d_ff = projector.shape[0]
+                lhs = projector @ (keys @ keys.T + state.key_cache[layer]) + hparams.L2 * torch.eye(
+                    d_ff, device=keys.device
+                )
+                # Δ = A⁻¹ P K Rᵀ is kept factored (coeffs Rᵀ): rank n, which lets the cached
+                # readout product be updated instead of recomputed.
+                coeffs = torch.linalg.solve(lhs.double(), (projector @ keys).double()).float()  # [d_ff, n]
+                if not torch.isfinite(coeffs).all() or not torch.isfinite(residual).all():
+                    raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
+                if layer in masks:
+                    coeffs = coeffs * masks[layer].keep.to(coeffs.device, coeffs.dtype)[:, None]
+                    info["kept_fraction"][layer] = masks[layer].kept_fraction
+                    state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
+                delta = residual @ coeffs.T  # [d, d_ff]
+                weight = modules[layer].weight
+                weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
+                entry = state.readout.get(layer)
+                if entry is not None and norm is not None:
+                    entry.matrix.add_(readout_product(unembed.detach(), residual, norm) @ coeffs.T)
+                    entry.weight_version = weight._version
+                state.add_time("solve", time.perf_counter() - start)
+
+        start = time.perf_counter()
+        new_keys = {layer: [] for layer in layers}
+        for r in requests:
+            for layer, k in compute_ks(model, tok, r, hparams, layers, state.context_templates).items():
+                new_keys[layer].append(k)
+        state.add_time("keys", time.perf_counter() - start)
+    except Exception as exc:
+        with torch.no_grad():
+            for layer in layers:
+                modules[layer].weight.copy_(originals[layer])
+        for layer in layers:
+            state.readout.pop(layer, None)
+        if isinstance(exc, EditError):
+            raise
+        raise EditError(f"NMKE edit failed, model left unchanged: {exc}") from exc
+    # Commit lifelong statistics only once the whole edit succeeded.
+    for layer in layers:
+        k = torch.stack(new_keys[layer], dim=1)
+        state.key_cache[layer] += k @ k.T
+    state.num_edits += len(requests)
+    info["originals"] = originals
+    return info
+
+
+def apply_nmke_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[Mapping[str, Any]],
+    hparams: NMKEHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: bool = False,
+    **kwargs: Any,
+) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
+    """EasyEdit entry point: edit ``model`` in place (or a copy) and return ``(model, weights_copy)``.
+
+    ``weights_copy`` maps parameter names to their pre-edit values so the caller can
+    restore them; see ``easyedit_nmke.compat`` for how each EasyEdit version uses it.
+    """
+    edit_requests = normalise_requests(requests)
+    check_module_templates(
+        model,
+        hparams.layers,
+        hparams.rewrite_module_tmp,
+        hparams.layer_module_tmp,
+        hparams.mlp_module_tmp,
+        hparams.ln_f_module,
+    )
+    if copy:
+        model = copy_module.deepcopy(model)
+    state = kwargs.get("nmke_state") or prepare_state(model, tok, hparams)
+    if get_state(model) is not state:
+        attach_state(model, state)
+    info = execute_nmke(model, tok, edit_requests, hparams, state)
+    weights_copy: Dict[str, torch.Tensor] = {}
+    if return_orig_weights:
+        for layer, original in info["originals"].items():
+            weights_copy[f"{hparams.rewrite_module_tmp.format(layer)}.weight"] = original
+    return model, weights_copy
+
+
+def reset_nmke_state(model: nn.Module) -> None:
+    state = get_state(model)
+    if state is not None:
+        state.reset()
+
+
+def edited_parameter_names(hparams: NMKEHyperParams) -> List[str]:
+    """Parameters an NMKE edit writes (what a resumable run must save)."""
+    return [f"{hparams.rewrite_module_tmp.format(layer)}.weight" for layer in hparams.layers]
+
+
+def save_method_state(model: nn.Module, directory) -> None:
+    state = get_state(model)
+    if state is not None:
+        state.save(directory)
+
+
+def load_method_state(model: nn.Module, directory) -> None:
+    device = next(model.parameters()).device
+    attach_state(model, NMKEState.load(directory, device=device))

@@ -1,0 +1,112 @@
+"""Lifelong NMKE state of one edited model: projectors, accumulated keys, prefixes, counters.
+
+The state is attached to the model object it belongs to (``model.nmke_state``), so
+two models edited in one process never share it; ``save``/``load`` persist it as
+safetensors + JSON for resumable runs, and ``reset`` forgets the edits while
+keeping the (expensive, edit-independent) projectors and context prefixes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STATE_ATTRIBUTE = "nmke_state"
+STATE_VERSION = 1
+
+
+@dataclass
+class ReadoutCache:
+    """U·diag(g)·V of one layer and the weight version it was computed for."""
+
+    matrix: torch.Tensor
+    weight_version: int
+
+
+@dataclass
+class NMKEState:
+    layers: List[int]
+    projectors: Dict[int, torch.Tensor] = field(default_factory=dict)  # P per layer [d_ff, d_ff]
+    key_cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # C = Σ K Kᵀ of past edits
+    context_templates: List[str] = field(default_factory=list)
+    num_edits: int = 0
+    kept_neurons: Dict[int, int] = field(default_factory=dict)  # total kept neurons per layer, for reporting
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds spent per phase
+    # Derived, never saved: rebuilt from the weights when missing or stale.
+    readout: Dict[int, ReadoutCache] = field(default_factory=dict, repr=False)
+
+    def reset(self) -> None:
+        """Forget all edits (C, counters); projectors and context prefixes stay valid."""
+        for layer, c in self.key_cache.items():
+            self.key_cache[layer] = torch.zeros_like(c)
+        self.num_edits = 0
+        self.kept_neurons = {layer: 0 for layer in self.layers}
+        self.timings = {}
+        self.readout.clear()
+
+    def save(self, directory: Union[str, Path]) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for layer, p in self.projectors.items():
+            tensors[f"projector.{layer}"] = p.detach().cpu().contiguous()
+        for layer, c in self.key_cache.items():
+            tensors[f"key_cache.{layer}"] = c.detach().cpu().contiguous()
+        save_file(tensors, str(directory / "nmke_state.safetensors"))
+        meta = {
+            "version": STATE_VERSION,
+            "layers": self.layers,
+            "context_templates": self.context_templates,
+            "num_edits": self.num_edits,
+            "kept_neurons": {str(k): v for k, v in self.kept_neurons.items()},
+            "timings": self.timings,
+        }
+        (directory / "nmke_state.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "NMKEState":
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "nmke_state.json", directory / "nmke_state.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise FileNotFoundError(f"no NMKE state in {directory}")
+        meta: Dict[str, Any] = json.loads(meta_path.read_text())
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"NMKE state version {meta.get('version')} is not supported (need {STATE_VERSION})")
+        tensors = load_file(str(tensor_path), device=str(device))
+        state = cls(layers=[int(x) for x in meta["layers"]])
+        for name, tensor in tensors.items():
+            kind, layer = name.rsplit(".", 1)
+            getattr(state, {"projector": "projectors", "key_cache": "key_cache"}[kind])[int(layer)] = tensor
+        state.context_templates = list(meta["context_templates"])
+        state.num_edits = int(meta["num_edits"])
+        state.kept_neurons = {int(k): int(v) for k, v in meta.get("kept_neurons", {}).items()}
+        state.timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
+        return state
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+def get_state(model: nn.Module) -> Optional[NMKEState]:
+    return model.__dict__.get(STATE_ATTRIBUTE)
+
+
+def attach_state(model: nn.Module, state: NMKEState) -> NMKEState:
+    # A plain attribute (not a submodule or buffer): it must not enter state_dict or .to().
+    model.__dict__[STATE_ATTRIBUTE] = state
+    return state
+
+
+def detach_state(model: nn.Module) -> Optional[NMKEState]:
+    return model.__dict__.pop(STATE_ATTRIBUTE, None)
+
+
+def state_layers_match(state: NMKEState, layers: List[int]) -> Tuple[bool, str]:
+    if list(state.layers) != list(layers):
+        return False, f"NMKE state was built for layers {state.layers}, hparams edit layers {layers}"
+    return True, ""

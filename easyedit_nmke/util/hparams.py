@@ -1,0 +1,105 @@
+"""Shared YAML loading for the plugin's hyper-parameter dataclasses.
+
+EasyEdit's own ``HyperParams`` base class only offers ``from_json`` / ``to_dict``;
+each method defines its own ``from_hparams``.  Here the YAML loading and the
+checks (malformed YAML, unknown keys, missing keys, wrong ``alg_name``) live in
+one place so every method gives the same clear messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, Type, TypeVar, Union
+
+import yaml
+
+try:  # Subclass EasyEdit's base when it is importable, so isinstance checks there pass.
+    from ..compat import easyeditor_base_hparams
+
+    _Base = easyeditor_base_hparams()
+except Exception:  # pragma: no cover - easyeditor is optional
+    _Base = None
+
+if _Base is None:
+
+    @dataclasses.dataclass
+    class _Base:  # type: ignore[no-redef]
+        """Stand-in for ``easyeditor.util.hparams.HyperParams`` when EasyEdit is absent."""
+
+        @classmethod
+        def from_json(cls, fpath: Union[str, Path]):
+            with open(fpath, "r") as f:
+                return cls(**json.load(f))
+
+        def to_dict(self) -> Dict[str, Any]:
+            return dataclasses.asdict(self)
+
+
+HyperParamsBase = _Base
+
+T = TypeVar("T", bound="PluginHyperParams")
+
+
+class HParamsError(ValueError):
+    """An hparams file that cannot be used, with the reason."""
+
+
+@dataclasses.dataclass
+class PluginHyperParams(HyperParamsBase):  # type: ignore[misc,valid-type]
+    """Base for NMKE/MicroEdit hparams: YAML loading with strict key checking."""
+
+    @classmethod
+    def from_dict(cls: Type[T], config: Dict[str, Any], source: str = "<dict>") -> T:
+        expected_alg = getattr(cls, "ALG_NAME", None)
+        alg = config.get("alg_name")
+        if expected_alg is not None and alg != expected_alg:
+            raise HParamsError(
+                f"{source}: alg_name is {alg!r}, but {cls.__name__} needs alg_name: {expected_alg}"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise HParamsError(
+                f"{source}: unknown key(s) {unknown} for {cls.__name__}; allowed keys: {sorted(fields)}"
+            )
+        missing = sorted(
+            name
+            for name, f in fields.items()
+            if name not in config
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        )
+        if missing:
+            raise HParamsError(f"{source}: missing required key(s) {missing} for {cls.__name__}")
+        hparams = cls(**config)
+        hparams.validate()
+        return hparams
+
+    @classmethod
+    def from_hparams(cls: Type[T], hparams_name_or_path: Union[str, Path]) -> T:
+        path = Path(hparams_name_or_path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_suffix(".yaml")
+        if not path.is_file():
+            raise HParamsError(f"hparams file not found: {path}")
+        try:
+            with open(path, "r") as f:
+                config = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
+        if not isinstance(config, dict):
+            raise HParamsError(f"{path}: expected a mapping of hparams, got {type(config).__name__}")
+        return cls.from_dict(config, source=str(path))
+
+    def validate(self) -> None:
+        """Check value ranges; subclasses extend it."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some fields changed, validated like a loaded file."""
+        config = self.to_dict()
+        config.update(changes)
+        return type(self).from_dict(config, source="<override>")

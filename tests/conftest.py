@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random models of each supported architecture with SmolLM2's real tokenizer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("EASYEDIT_NMKE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+CORPUS = (
+    "The river flows through the old town and past the cathedral. "
+    "Scientists measured the temperature of the lake every morning for a year. "
+    "A small bakery on the corner sells bread, cakes and coffee to the neighbours. "
+    "The committee approved the new budget after a long debate in the council. "
+    "During the winter the mountain pass is closed because of heavy snow. "
+    "Her first novel was translated into twelve languages and won several prizes. "
+    "The orchestra performed a symphony by a composer from the nineteenth century. "
+    "Engineers designed a bridge that could withstand strong winds and earthquakes. "
+) * 6
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from easyedit_nmke.util.model_loader import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.1)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=96, n_layer=4, n_head=4,
+                                           n_positions=256, initializer_range=0.1))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+TEMPLATES = {
+    "llama": dict(
+        rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+        layer_module_tmp="model.layers.{}",
+        mlp_module_tmp="model.layers.{}.mlp",
+        attn_module_tmp="model.layers.{}.self_attn",
+        ln_f_module="model.norm",
+        lm_head_module="lm_head",
+    ),
+    "gpt2": dict(
+        rewrite_module_tmp="transformer.h.{}.mlp.c_proj",
+        layer_module_tmp="transformer.h.{}",
+        mlp_module_tmp="transformer.h.{}.mlp",
+        attn_module_tmp="transformer.h.{}.attn",
+        ln_f_module="transformer.ln_f",
+        lm_head_module="lm_head",
+    ),
+}
+TEMPLATES["mistral"] = TEMPLATES["qwen2"] = TEMPLATES["llama"]
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def tiny_hparams(arch: str, corpus: Path, stats_dir: Path, **overrides):
+    from easyedit_nmke.models.nmke import NMKEHyperParams
+
+    config = dict(
+        alg_name="NMKE",
+        model_name=f"tiny-{arch}",
+        device="cpu",
+        layers=[1, 2],
+        v_num_grad_steps=8,
+        v_lr=0.5,
+        v_weight_decay=1e-3,
+        clamp_norm_factor=4.0,
+        context_template_length_params=[[4, 2]],
+        mom2_dataset=str(corpus),
+        mom2_n_samples=40,
+        mom2_max_length=32,
+        stats_dir=str(stats_dir),
+        nullspace_threshold=2e-2,
+        **TEMPLATES[arch],
+    )
+    config.update(overrides)
+    return NMKEHyperParams.from_dict(config)
+
+
+REQUESTS = [
+    {"prompt": "The capital city of Norway is", "subject": "Norway", "target_new": "Bergen"},
+    {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
+    {"prompt": "Beethoven's instrument was the", "subject": "Beethoven", "target_new": "guitar"},
+]

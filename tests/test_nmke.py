@@ -1,0 +1,265 @@
+"""NMKE on tiny random models: update structure, null-space property, restore, state, bad inputs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from easyedit_nmke.models.nmke import NMKEState, apply_nmke_to_model, get_state, prepare_state, reset_nmke_state
+from easyedit_nmke.models.nmke.nmke_main import EditError
+from easyedit_nmke.util import nethook
+from easyedit_nmke.util.hparams import HParamsError
+from easyedit_nmke.util.model_parts import ArchitectureError, down_weight
+from easyedit_nmke.util.requests import RequestError, subject_last_index
+
+from conftest import REQUESTS, tiny_hparams, tiny_model
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bitwise_equal(model, before):
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_model("llama", len(tokenizer))
+
+
+def _delta(model, before, hp, layer):
+    module = nethook.get_module(model, hp.rewrite_module_tmp.format(layer))
+    name = hp.rewrite_module_tmp.format(layer) + ".weight"
+    new = down_weight(module).detach()
+    old = before[name].T if type(module).__name__ == "Conv1D" else before[name]
+    return new - old
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2"])
+def test_edit_writes_only_down_projections_of_edit_layers(arch, tokenizer, corpus_file, tmp_path):
+    model = tiny_model(arch, len(tokenizer))
+    hp = tiny_hparams(arch, corpus_file, tmp_path)
+    before = _weights(model)
+    apply_nmke_to_model(model, tokenizer, REQUESTS[:1], hp)
+    edited = {hp.rewrite_module_tmp.format(layer) + ".weight" for layer in hp.layers}
+    after = model.state_dict()
+    for name, value in before.items():
+        if name in edited:
+            assert not torch.equal(after[name], value), f"{name} should change"
+        else:
+            assert torch.equal(after[name], value), f"{name} must not change"
+
+
+def test_z_optimisation_raises_target_probability(llama, tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.models.nmke.compute_z import compute_z
+    from easyedit_nmke.util.requests import normalise_request
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path, v_num_grad_steps=30, v_stop_prob=1.0, clamp_norm_factor=50.0)
+    state = prepare_state(llama, tokenizer, hp)
+    request = normalise_request(REQUESTS[0])
+    short = compute_z(llama, tokenizer, request, hp.replace(v_num_grad_steps=1), hp.layers[-1], state.context_templates)
+    long = compute_z(llama, tokenizer, request, hp, hp.layers[-1], state.context_templates)
+    # A random 4-layer model reaches the later positions only through one normalised
+    # attention hop, so the gain is small here; the SmolLM2 integration test checks size.
+    assert long.target_prob > 1.5 * short.target_prob
+    assert torch.allclose(short.initial, long.initial)
+    # The norm clamp bounds the delta.
+    assert (long.z - long.initial).norm() <= hp.clamp_norm_factor * long.initial.norm() * (1 + 1e-5)
+
+
+def test_mode_none_update_lies_in_null_space(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode="none")
+    state = prepare_state(llama, tokenizer, hp)
+    before = _weights(llama)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    for layer in hp.layers:
+        delta = _delta(llama, before, hp, layer)  # [d, d_ff]
+        preserved = torch.eye(delta.shape[1]) - state.projectors[layer]
+        assert delta.abs().max() > 0
+        # Keys in the preserved subspace (range of I - P) are mapped exactly as before.
+        assert (delta @ preserved).abs().max() < 1e-4 * delta.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "general", "specific", "fixed"])
+def test_masked_modes_leave_unselected_neurons_untouched(mode, llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode=mode)
+    before = _weights(llama)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    for layer in hp.layers:
+        delta = _delta(llama, before, hp, layer)
+        changed = (delta != 0).any(dim=0)
+        assert 0 < changed.sum() < delta.shape[1], f"{mode}: mask should keep some but not all neurons"
+    state = get_state(llama)
+    assert all(state.kept_neurons[layer] == int(changed.sum()) or state.kept_neurons[layer] > 0 for layer in hp.layers)
+
+
+def test_sequential_edits_accumulate_and_update_cache(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    for request in REQUESTS:
+        apply_nmke_to_model(llama, tokenizer, [request], hp)
+    state = get_state(llama)
+    assert state.num_edits == 3
+    for layer in hp.layers:
+        c = state.key_cache[layer]
+        assert torch.allclose(c, c.T, atol=1e-5)
+        assert torch.linalg.matrix_rank(c) == 3  # one key per edit
+
+
+def test_readout_cache_update_matches_recompute(llama, tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.models.nmke.attribution import readout_product
+    from easyedit_nmke.models.nmke.nmke_main import _readout_norm
+    from easyedit_nmke.util.model_parts import unembedding
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    for request in REQUESTS[:2]:
+        apply_nmke_to_model(llama, tokenizer, [request], hp)
+    state = get_state(llama)
+    unembed, _ = unembedding(llama)
+    for layer in hp.layers:
+        module = nethook.get_module(llama, hp.rewrite_module_tmp.format(layer))
+        fresh = readout_product(unembed.detach(), down_weight(module).detach().float(), _readout_norm(llama, hp))
+        cached = state.readout[layer]
+        assert cached.weight_version == module.weight._version
+        torch.testing.assert_close(cached.matrix, fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_restore_with_returned_weights_is_exact(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    before = _weights(llama)
+    _, weights_copy = apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp, return_orig_weights=True)
+    assert set(weights_copy) == {hp.rewrite_module_tmp.format(layer) + ".weight" for layer in hp.layers}
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            nethook.get_parameter(llama, name)[...] = value
+    _assert_bitwise_equal(llama, before)
+
+
+def test_copy_leaves_original_untouched(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    before = _weights(llama)
+    edited, _ = apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp, copy=True)
+    assert edited is not llama
+    _assert_bitwise_equal(llama, before)
+
+
+def test_state_save_load_roundtrip_and_reset(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:2], hp)
+    state = get_state(llama)
+    state.save(tmp_path / "state")
+    loaded = NMKEState.load(tmp_path / "state")
+    assert loaded.layers == state.layers
+    assert loaded.context_templates == state.context_templates
+    assert loaded.num_edits == 2
+    for layer in hp.layers:
+        assert torch.equal(loaded.projectors[layer], state.projectors[layer])
+        assert torch.equal(loaded.key_cache[layer], state.key_cache[layer])
+    reset_nmke_state(llama)
+    assert state.num_edits == 0
+    assert all(float(c.abs().sum()) == 0.0 for c in state.key_cache.values())
+    assert all(layer in state.projectors for layer in hp.layers)  # projectors survive a reset
+
+
+def test_two_models_do_not_share_state(tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    a = tiny_model("llama", len(tokenizer), seed=0)
+    b = tiny_model("llama", len(tokenizer), seed=1)
+    apply_nmke_to_model(a, tokenizer, REQUESTS[:2], hp)
+    apply_nmke_to_model(b, tokenizer, REQUESTS[:1], hp)
+    assert get_state(a) is not get_state(b)
+    assert get_state(a).num_edits == 2 and get_state(b).num_edits == 1
+
+
+def test_subject_last_index_points_at_subject(tokenizer):
+    text = "Question: where is the Eiffel Tower located?"
+    index = subject_last_index(tokenizer, text, "Eiffel Tower")
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids[: index + 1]).endswith("Tower")
+
+
+@pytest.mark.parametrize(
+    "request_, error",
+    [
+        ({"prompt": "The capital of Norway is", "subject": "Sweden", "target_new": "Oslo"}, RequestError),
+        ({"prompt": "The capital of Norway is", "subject": "Norway", "target_new": "  "}, RequestError),
+        ({"prompt": "", "subject": "Norway", "target_new": "Oslo"}, RequestError),
+        ({"prompt": "The capital of Norway is", "subject": "", "target_new": "Oslo"}, RequestError),
+    ],
+)
+def test_bad_requests_raise_and_leave_weights(request_, error, llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    before = _weights(llama)
+    with pytest.raises(error):
+        apply_nmke_to_model(llama, tokenizer, [request_], hp)
+    _assert_bitwise_equal(llama, before)
+
+
+def test_layer_out_of_range_is_rejected(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path, layers=[2, 9])
+    before = _weights(llama)
+    with pytest.raises(ArchitectureError, match="out of range"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+
+
+def test_architecture_without_templates_is_rejected(tokenizer, corpus_file, tmp_path):
+    gpt2 = tiny_model("gpt2", len(tokenizer))
+    hp = tiny_hparams("llama", corpus_file, tmp_path)  # Llama module names on a GPT-2 model
+    before = _weights(gpt2)
+    with pytest.raises(ArchitectureError, match="module template"):
+        apply_nmke_to_model(gpt2, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(gpt2, before)
+
+
+def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    state = prepare_state(llama, tokenizer, hp)
+    state.key_cache[hp.layers[-1]][0, 0] = float("nan")
+    before = _weights(llama)
+    with pytest.raises(EditError, match="not finite"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+    assert state.num_edits == 0
+
+
+def test_state_for_other_layers_is_rejected(llama, tokenizer, corpus_file, tmp_path):
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path))
+    with pytest.raises(EditError, match="layers"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path, layers=[0, 1]))
+
+
+def test_hparams_file_checks(tmp_path):
+    from easyedit_nmke.models.nmke import NMKEHyperParams
+    from conftest import REPO
+
+    good = NMKEHyperParams.from_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml")
+    assert good.alg_name == "NMKE" and good.mask_mode == "hybrid"
+    text = (REPO / "hparams/NMKE/smollm2-135m.yaml").read_text()
+    cases = {
+        "unknown.yaml": (text + "\nmask_moed: hybrid\n", "unknown key"),
+        "alg.yaml": (text.replace("alg_name: NMKE", "alg_name: ROME"), "alg_name"),
+        "broken.yaml": (text + "\nlayers: [1, 2\n", "malformed YAML"),
+        "mode.yaml": (text.replace("mask_mode: hybrid", "mask_mode: sparse"), "mask_mode"),
+        "missing.yaml": ("\n".join(l for l in text.splitlines() if not l.startswith("layers:")), "missing"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(HParamsError, match=message):
+            NMKEHyperParams.from_hparams(path)
+    with pytest.raises(HParamsError, match="not found"):
+        NMKEHyperParams.from_hparams(tmp_path / "nope.yaml")
+
+
+def test_all_shipped_yamls_load():
+    from easyedit_nmke.models.nmke import NMKEHyperParams
+    from conftest import REPO
+
+    names = {p.stem for p in (REPO / "hparams/NMKE").glob("*.yaml")}
+    assert {"smollm2-135m", "llama3-8b", "gpt2-xl", "mistral-7b", "qwen2.5-7b"} <= names
+    for path in (REPO / "hparams/NMKE").glob("*.yaml"):
+        NMKEHyperParams.from_hparams(path)
