@@ -11,6 +11,7 @@ saved, and a restarted run continues from the last checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import resource
@@ -128,10 +129,14 @@ def average(scores: Dict[str, Optional[float]], metric: str) -> Optional[float]:
 class _Checkpointer:
     """Saves and restores everything a run needs to continue after an interruption."""
 
-    def __init__(self, directory: Optional[Path], spec: MethodSpec, hparams: Any):
+    def __init__(self, directory: Optional[Path], spec: MethodSpec, hparams: Any, records: Sequence[EditRecord]):
         self.directory = directory
         self.spec = spec
         self.hparams = hparams
+        # A checkpoint only fits the same edit sequence with the same hparams.
+        digest = hashlib.sha1(json.dumps([[r.prompt, r.target] for r in records]).encode())
+        digest.update(json.dumps(hparams.to_dict(), sort_keys=True, default=str).encode())
+        self.fingerprint = digest.hexdigest()
 
     def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
         if self.directory is None:
@@ -146,7 +151,13 @@ class _Checkpointer:
         self.spec.save_state(model, tmp / "state")
         refs = {str(i): r.cpu().contiguous() for i, r in enumerate(references) if r is not None}
         save_file(refs, str(tmp / "locality_reference.safetensors"))
-        progress = {"done": done, "edit_seconds": edit_seconds, "result": result.to_dict(), "immediate_raw": result.extra.get("_immediate_raw")}
+        progress = {
+            "done": done,
+            "edit_seconds": edit_seconds,
+            "records": self.fingerprint,
+            "result": result.to_dict(),
+            "immediate_raw": result.extra.get("_immediate_raw"),
+        }
         (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         final = self.directory / "checkpoint"
         if final.exists():
@@ -160,6 +171,11 @@ class _Checkpointer:
             return None
         ckpt = self.directory / "checkpoint"
         progress = json.loads((ckpt / "progress.json").read_text())
+        if progress.get("records") != self.fingerprint:
+            raise ValueError(
+                f"checkpoint in {self.directory} belongs to another run (different records or hparams); "
+                "use a new --work-dir"
+            )
         weights = load_file(str(ckpt / "edited_weights.safetensors"))
         with torch.no_grad():
             for name, value in weights.items():
@@ -191,7 +207,7 @@ def run_lifelong(
         hparams=hparams.to_dict(),
         env=environment(),
     )
-    checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams)
+    checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records)
     restored = checkpointer.restore(model, n)
     immediate_raw: Dict[str, List[float]] = {"rel": [], "gen": []}
     if restored is not None:

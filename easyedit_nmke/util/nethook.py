@@ -61,6 +61,24 @@ def capture(
             h.remove()
 
 
+class StopForward(Exception):
+    """Raised by a hook to skip the layers above the last one a caller needs."""
+
+
+@contextlib.contextmanager
+def stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """Abort the forward pass once module ``name`` has run (catch ``StopForward`` around the call)."""
+
+    def hook(mod, args, output):
+        raise StopForward
+
+    handle = get_module(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @contextlib.contextmanager
 def edit_output(
     model: nn.Module, name: str, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]

@@ -20,11 +20,17 @@ def _forward_capture(
     texts: Sequence[str],
     module_names: Sequence[str],
     inputs: bool,
+    last_block: str,
 ):
+    """Run the prompts only up to ``last_block`` and record the named modules."""
     device = next(model.parameters()).device
     ids, mask = pad_batch([encode(tok, t) for t in texts], pad_id(tok))
     with torch.no_grad(), nethook.capture(model, list(module_names), inputs=inputs) as record:
-        model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        with nethook.stop_after(model, last_block):
+            try:
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            except nethook.StopForward:
+                pass
     return record
 
 
@@ -40,7 +46,9 @@ def compute_ks(
     texts = [t.format(request.prompt) for t in context_templates]
     index = torch.tensor([subject_last_index(tok, t, request.subject) for t in texts])
     names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in layers}
-    record = _forward_capture(model, tok, texts, list(names.values()), inputs=True)
+    record = _forward_capture(
+        model, tok, texts, list(names.values()), True, hparams.layer_module_tmp.format(max(layers))
+    )
     rows = torch.arange(len(texts))
     return {layer: record[name][rows, index.to(record[name].device)].float().mean(0) for layer, name in names.items()}
 
@@ -50,7 +58,7 @@ def layer_output_at_subject(
 ) -> torch.Tensor:
     """Current output of decoder block ``layer`` at the subject's last token of the bare prompt."""
     name = hparams.layer_module_tmp.format(layer)
-    record = _forward_capture(model, tok, [request.prompt], [name], inputs=False)
+    record = _forward_capture(model, tok, [request.prompt], [name], False, name)
     return record[name][0, subject_last_index(tok, request.prompt, request.subject)].float()
 
 

@@ -27,6 +27,7 @@ class TargetVector:
     initial: torch.Tensor  # [d] its value before the edit
     steps: int
     target_prob: float  # mean per-token target probability reached
+    prob_history: List[float]  # target_prob at each step, for diagnostics
 
 
 @dataclass
@@ -111,6 +112,7 @@ def compute_z(
         p.requires_grad_(False)
     kl_init = None
     target_prob = 0.0
+    history: List[float] = []
     steps = 0
     try:
         for steps in range(1, hparams.v_num_grad_steps + 1):
@@ -129,6 +131,7 @@ def compute_z(
             kl = hparams.kl_factor * F.kl_div(kl_logp, kl_init, log_target=True, reduction="batchmean")
             decay = hparams.v_weight_decay * (delta.norm() / state["initial"].norm() ** 2)
             target_prob = float(torch.exp(per_row.detach() / per_row_count).mean())
+            history.append(target_prob)
             if target_prob >= hparams.v_stop_prob:
                 break
             loss = nll + kl + decay
@@ -145,4 +148,4 @@ def compute_z(
             p.requires_grad_(flag)
         model.train(was_training)
     initial = state["initial"]
-    return TargetVector(z=initial + delta.detach(), initial=initial, steps=steps, target_prob=target_prob)
+    return TargetVector(z=initial + delta.detach(), initial=initial, steps=steps, target_prob=target_prob, prob_history=history)

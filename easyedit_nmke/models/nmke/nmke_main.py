@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ...compat import weights_copy_for_easyeditor
 from ...util import nethook
 from ...util.model_parts import (
     check_module_templates,
@@ -36,7 +37,7 @@ from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
 from .nullspace import key_second_moments, null_space_projector
-from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
+from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 
@@ -179,10 +180,15 @@ def execute_nmke(
     requests: List[EditRequest],
     hparams: NMKEHyperParams,
     state: NMKEState,
-) -> Dict[str, Any]:
-    """Apply the edit in place; on any failure restore the edited weights and raise ``EditError``."""
+) -> Dict[int, torch.Tensor]:
+    """Apply the edit in place and return the pre-edit weights per layer.
+
+    On any failure the edited weights are restored and ``EditError`` is raised, so
+    a failed edit leaves both the model and the lifelong statistics unchanged.
+    """
     layers = hparams.layers
     modules = {layer: nethook.get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in layers}
+    state.rollback_if_restored({layer: modules[layer].weight for layer in layers})
     originals = {layer: modules[layer].weight.detach().clone() for layer in layers}
     info: Dict[str, Any] = {"z_steps": [], "z_target_prob": [], "kept_fraction": {}}
     try:
@@ -217,19 +223,17 @@ def execute_nmke(
 
                 start = time.perf_counter()
                 projector = state.projectors[layer]
-                d_ff = projector.shape[0]
-                lhs = projector @ (keys @ keys.T + state.key_cache[layer]) + hparams.L2 * torch.eye(
-                    d_ff, device=keys.device
-                )
+                projected_keys = projector @ keys
+                lhs = _projected_cache(state, layer) + projected_keys @ keys.T
+                lhs.diagonal().add_(hparams.L2)
                 # Δ = A⁻¹ P K Rᵀ is kept factored (coeffs Rᵀ): rank n, which lets the cached
                 # readout product be updated instead of recomputed.
-                coeffs = torch.linalg.solve(lhs.double(), (projector @ keys).double()).float()  # [d_ff, n]
+                coeffs = torch.linalg.solve(lhs.double(), projected_keys.double()).float()  # [d_ff, n]
                 if not torch.isfinite(coeffs).all() or not torch.isfinite(residual).all():
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
                 if layer in masks:
                     coeffs = coeffs * masks[layer].keep.to(coeffs.device, coeffs.dtype)[:, None]
                     info["kept_fraction"][layer] = masks[layer].kept_fraction
-                    state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
                 delta = residual @ coeffs.T  # [d, d_ff]
                 weight = modules[layer].weight
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
@@ -255,12 +259,29 @@ def execute_nmke(
             raise
         raise EditError(f"NMKE edit failed, model left unchanged: {exc}") from exc
     # Commit lifelong statistics only once the whole edit succeeded.
+    state.last_edit = UndoRecord(
+        originals=originals,
+        key_cache={layer: c.clone() for layer, c in state.key_cache.items()},
+        num_edits=state.num_edits,
+        kept_neurons=dict(state.kept_neurons),
+    )
     for layer in layers:
         k = torch.stack(new_keys[layer], dim=1)
         state.key_cache[layer] += k @ k.T
+        if layer in state.projected_cache:
+            state.projected_cache[layer] += (state.projectors[layer] @ k) @ k.T
+        if layer in masks:
+            state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
     state.num_edits += len(requests)
-    info["originals"] = originals
-    return info
+    state.last_edit_info = info
+    return originals
+
+
+def _projected_cache(state: NMKEState, layer: int) -> torch.Tensor:
+    """P·C, kept up to date incrementally (a d_ff³ product saved per layer and edit)."""
+    if layer not in state.projected_cache:
+        state.projected_cache[layer] = state.projectors[layer] @ state.key_cache[layer]
+    return state.projected_cache[layer].clone()
 
 
 def apply_nmke_to_model(
@@ -292,12 +313,12 @@ def apply_nmke_to_model(
     state = kwargs.get("nmke_state") or prepare_state(model, tok, hparams)
     if get_state(model) is not state:
         attach_state(model, state)
-    info = execute_nmke(model, tok, edit_requests, hparams, state)
+    originals = execute_nmke(model, tok, edit_requests, hparams, state)
     weights_copy: Dict[str, torch.Tensor] = {}
     if return_orig_weights:
-        for layer, original in info["originals"].items():
+        for layer, original in originals.items():
             weights_copy[f"{hparams.rewrite_module_tmp.format(layer)}.weight"] = original
-    return model, weights_copy
+    return model, weights_copy_for_easyeditor(weights_copy, keep_original_weight)
 
 
 def reset_nmke_state(model: nn.Module) -> None:

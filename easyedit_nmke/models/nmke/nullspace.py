@@ -37,10 +37,6 @@ MODEL_GENERATED = "model-generated"
 _SEED_PROMPTS = ["The", "In", "A", "It", "When", "This", "He", "She", "There", "One", "After", "According to"]
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the layers above the last one needed."""
-
-
 def stats_directory(hparams: NMKEHyperParams) -> Path:
     return Path(hparams.stats_dir).expanduser() if hparams.stats_dir else cache_root() / "stats"
 
@@ -182,22 +178,18 @@ def key_second_moments(
     count = 0
     top_block = hparams.layer_module_tmp.format(max(missing))
 
-    def stop(module, args, output):
-        raise _StopForward
-
     windows = list(corpus_windows(model, tok, hparams))
     if not windows:
         raise ValueError(f"mom2_dataset {hparams.mom2_dataset!r} yielded no text")
-    handle = nethook.get_module(model, top_block).register_forward_hook(stop)
     batch = 16
-    try:
+    with nethook.stop_after(model, top_block):
         for start in tqdm(range(0, len(windows), batch), desc=f"key statistics, layers {missing}", leave=False):
             input_ids, attention_mask = pad_batch(windows[start : start + batch], pad_id(tok))
             valid = attention_mask.bool().to(device)
             with torch.no_grad(), nethook.capture(model, list(names.values()), inputs=True) as record:
                 try:
                     model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-                except _StopForward:
+                except nethook.StopForward:
                     pass
             for layer, name in names.items():
                 keys = record[name][valid].float()
@@ -205,8 +197,6 @@ def key_second_moments(
                 moment = (keys.T @ keys).double()
                 sums[layer] = moment if sums[layer] is None else sums[layer] + moment
             count += int(valid.sum())
-    finally:
-        handle.remove()
     for layer in missing:
         mom2 = (sums[layer] / count).float().cpu()
         path = directory / f"{_cache_key(model, hparams, layer)}.safetensors"

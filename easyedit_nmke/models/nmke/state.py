@@ -29,6 +29,16 @@ class ReadoutCache:
 
 
 @dataclass
+class UndoRecord:
+    """What the last edit changed, to roll the statistics back if an editor restores the weights."""
+
+    originals: Dict[int, torch.Tensor]  # down-projection weights before the edit
+    key_cache: Dict[int, torch.Tensor]
+    num_edits: int
+    kept_neurons: Dict[int, int]
+
+
+@dataclass
 class NMKEState:
     layers: List[int]
     projectors: Dict[int, torch.Tensor] = field(default_factory=dict)  # P per layer [d_ff, d_ff]
@@ -37,8 +47,30 @@ class NMKEState:
     num_edits: int = 0
     kept_neurons: Dict[int, int] = field(default_factory=dict)  # total kept neurons per layer, for reporting
     timings: Dict[str, float] = field(default_factory=dict)  # seconds spent per phase
-    # Derived, never saved: rebuilt from the weights when missing or stale.
+    # Derived, never saved: rebuilt when missing or stale.
     readout: Dict[int, ReadoutCache] = field(default_factory=dict, repr=False)
+    projected_cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # P·C
+    last_edit: Optional[UndoRecord] = field(default=None, repr=False)
+    last_edit_info: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def rollback_if_restored(self, weights: Dict[int, torch.Tensor]) -> bool:
+        """Undo the last edit's statistics when the weights are back to their pre-edit values.
+
+        EasyEdit's non-sequential mode writes the original weights back after each
+        edit; then C must not keep that edit's keys (AlphaEdit's global cache does,
+        which silently constrains later, independent edits).
+        """
+        record = self.last_edit
+        if record is None:
+            return False
+        self.last_edit = None
+        if not all(torch.equal(weights[layer], record.originals[layer]) for layer in record.originals):
+            return False
+        self.key_cache = record.key_cache
+        self.num_edits = record.num_edits
+        self.kept_neurons = record.kept_neurons
+        self.projected_cache.clear()
+        return True
 
     def reset(self) -> None:
         """Forget all edits (C, counters); projectors and context prefixes stay valid."""
@@ -48,6 +80,8 @@ class NMKEState:
         self.kept_neurons = {layer: 0 for layer in self.layers}
         self.timings = {}
         self.readout.clear()
+        self.projected_cache.clear()
+        self.last_edit = None
 
     def save(self, directory: Union[str, Path]) -> None:
         directory = Path(directory)

