@@ -415,3 +415,24 @@ def test_nmke_edit_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkey
         assert torch.equal(value, originals[name])
     for name, param in editor.model.named_parameters():  # restored after the edit
         assert torch.equal(param, originals[name]), name
+
+
+def test_nmke_sequential_edits_accumulate_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
+    hparams = _tiny_nmke_hparams(tiny_llama_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert registration.register() is True
+    BaseEditor = _module("easyeditor.editors.editor").BaseEditor
+    editor = BaseEditor(hparams)
+    originals = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    mode = {"keep_original_weight": False} if easyeditor_flavour() == "pypi" else {"sequential_edit": True}
+    editor.edit(
+        prompts=["The capital of France is", "The Eiffel Tower is in"],
+        target_new=["Rome", "Berlin"],
+        ground_truth=["Paris", "Paris"],
+        subject=["France", "Eiffel Tower"],
+        **mode,
+    )
+    changed = {n for n, p in editor.model.named_parameters() if not torch.equal(p, originals[n])}
+    assert changed == {hparams.rewrite_module_tmp.format(layer) + ".weight" for layer in hparams.layers}
+    state = _nmke_module().get_state(editor.model)
+    assert state.num_edits == 2  # both edits kept in the lifelong statistics

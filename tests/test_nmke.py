@@ -93,8 +93,14 @@ def test_masked_modes_leave_unselected_neurons_untouched(mode, llama, tokenizer,
         delta = _delta(llama, before, hp, layer)
         changed = (delta != 0).any(dim=0)
         assert 0 < changed.sum() < delta.shape[1], f"{mode}: mask should keep some but not all neurons"
-    state = get_state(llama)
-    assert all(state.kept_neurons[layer] == int(changed.sum()) or state.kept_neurons[layer] > 0 for layer in hp.layers)
+        # The update over the kept neurons S stays in the null space of the corpus keys seen through S.
+        keep = changed.nonzero().squeeze(1)
+        state = get_state(llama)
+        moments = state.key_moments[layer][keep][:, keep].double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(moments)
+        used = eigenvectors[:, eigenvalues >= hp.nullspace_threshold].float()
+        assert (delta[:, keep] @ used).abs().max() < 1e-4 * delta.abs().max()
+        assert state.kept_neurons[layer] == int(changed.sum())
 
 
 def test_sequential_edits_accumulate_and_update_cache(llama, tokenizer, corpus_file, tmp_path):
@@ -218,7 +224,7 @@ def test_architecture_without_templates_is_rejected(tokenizer, corpus_file, tmp_
 def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
     hp = tiny_hparams("llama", corpus_file, tmp_path)
     state = prepare_state(llama, tokenizer, hp)
-    state.key_cache[hp.layers[-1]][0, 0] = float("nan")
+    state.key_cache[hp.layers[-1]].fill_(float("nan"))
     before = _weights(llama)
     with pytest.raises(EditError, match="not finite"):
         apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
@@ -263,3 +269,21 @@ def test_all_shipped_yamls_load():
     assert {"smollm2-135m", "llama3-8b", "gpt2-xl", "mistral-7b", "qwen2.5-7b"} <= names
     for path in (REPO / "hparams/NMKE").glob("*.yaml"):
         NMKEHyperParams.from_hparams(path)
+
+
+def test_restored_weights_roll_back_lifelong_statistics(llama, tokenizer, corpus_file, tmp_path):
+    """Non-sequential editing: after the caller restores the weights, C forgets that edit."""
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    for request in REQUESTS[:2]:
+        _, weights_copy = apply_nmke_to_model(llama, tokenizer, [request], hp, return_orig_weights=True)
+        with torch.no_grad():
+            for name, value in weights_copy.items():
+                nethook.get_parameter(llama, name)[...] = value
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[2:], hp)
+    state = get_state(llama)
+    assert state.num_edits == 1
+    for layer in hp.layers:
+        assert torch.linalg.matrix_rank(state.key_cache[layer]) == 1
+    # Sequential editing (nothing restored) keeps every edit.
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    assert state.num_edits == 2

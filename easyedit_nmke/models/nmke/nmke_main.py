@@ -5,8 +5,8 @@ Per call (one batch of requests; batch size 1 in lifelong editing):
 2. neuron attribution at every edit layer on the unedited-for-this-call model, and
    from it one neuron mask per layer (``masking.build_mask``);
 3. per layer, lowest first: keys K, residual R = (z − current output) spread over the
-   remaining layers, Δ = solve(P(K Kᵀ + C) + L2·I, P K Rᵀ), rows of Δ outside the
-   mask zeroed, W_down += Δᵀ;
+   remaining layers, Δ = solve(P(K Kᵀ + C) + L2·I, P K Rᵀ) over the masked neurons
+   only (P rebuilt for that neuron subset), W_down += Δᵀ;
 4. C += K Kᵀ with the keys recomputed on the edited model (as AlphaEdit).
 
 ``mask_mode: none`` skips steps 2 and the masking: it is AlphaEdit.
@@ -89,11 +89,12 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
     else:
         state = NMKEState(layers=list(hparams.layers))
     device = next(model.parameters()).device
-    missing = [layer for layer in hparams.layers if layer not in state.projectors]
+    missing = [layer for layer in hparams.layers if layer not in state.projectors or layer not in state.key_moments]
     if missing:
         start = time.perf_counter()
         moments = key_second_moments(model, tok, hparams, missing)
         for layer in missing:
+            state.key_moments[layer] = moments[layer].to(device)
             state.projectors[layer] = null_space_projector(moments[layer], hparams.nullspace_threshold).to(device)
         state.add_time("projector", time.perf_counter() - start)
     for layer in hparams.layers:
@@ -222,18 +223,13 @@ def execute_nmke(
                 state.add_time("keys", time.perf_counter() - start)
 
                 start = time.perf_counter()
-                projector = state.projectors[layer]
-                projected_keys = projector @ keys
-                lhs = _projected_cache(state, layer) + projected_keys @ keys.T
-                lhs.diagonal().add_(hparams.L2)
-                # Δ = A⁻¹ P K Rᵀ is kept factored (coeffs Rᵀ): rank n, which lets the cached
-                # readout product be updated instead of recomputed.
-                coeffs = torch.linalg.solve(lhs.double(), projected_keys.double()).float()  # [d_ff, n]
+                if layer in masks:
+                    coeffs = _masked_update_coefficients(state, layer, keys, masks[layer].keep, hparams)
+                    info["kept_fraction"][layer] = masks[layer].kept_fraction
+                else:
+                    coeffs = _update_coefficients(state, layer, keys, hparams)
                 if not torch.isfinite(coeffs).all() or not torch.isfinite(residual).all():
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
-                if layer in masks:
-                    coeffs = coeffs * masks[layer].keep.to(coeffs.device, coeffs.dtype)[:, None]
-                    info["kept_fraction"][layer] = masks[layer].kept_fraction
                 delta = residual @ coeffs.T  # [d, d_ff]
                 weight = modules[layer].weight
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
@@ -275,6 +271,42 @@ def execute_nmke(
     state.num_edits += len(requests)
     state.last_edit_info = info
     return originals
+
+
+def _update_coefficients(
+    state: NMKEState, layer: int, keys: torch.Tensor, hparams: NMKEHyperParams
+) -> torch.Tensor:
+    """AlphaEdit's solve, kept factored: Δ = A⁻¹ P K Rᵀ = coeffs · Rᵀ with A = P(K Kᵀ + C) + L2·I.
+
+    Rank n, which lets the cached attribution readout be updated instead of recomputed.
+    """
+    projected_keys = state.projectors[layer] @ keys
+    lhs = _projected_cache(state, layer) + projected_keys @ keys.T
+    lhs.diagonal().add_(hparams.L2)
+    return torch.linalg.solve(lhs.double(), projected_keys.double()).float()  # [d_ff, n]
+
+
+def _masked_update_coefficients(
+    state: NMKEState, layer: int, keys: torch.Tensor, keep: torch.Tensor, hparams: NMKEHyperParams
+) -> torch.Tensor:
+    """The same null-space constrained solve over the masked neurons only.
+
+    Updates confined to the neuron set S must leave preserved keys alone through S's
+    coordinates alone, so the projector is rebuilt from the corpus second moment
+    restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
+    rows of the full solution instead would both break the null-space property and
+    lose the share of the update carried by the dropped neurons.
+    """
+    index = keep.nonzero().squeeze(1).to(keys.device)
+    moments = state.key_moments[layer]
+    projector = null_space_projector(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
+    keys_s = keys[index]
+    projected_keys = projector @ keys_s
+    lhs = projector @ (keys_s @ keys_s.T + state.key_cache[layer][index][:, index])
+    lhs.diagonal().add_(hparams.L2)
+    coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
+    coeffs[index] = torch.linalg.solve(lhs.double(), projected_keys.double()).float()
+    return coeffs
 
 
 def _projected_cache(state: NMKEState, layer: int) -> torch.Tensor:

@@ -10,8 +10,10 @@ Corpus (``mom2_dataset``), resolved in this order:
 2. ``wikitext-2`` / ``wikipedia``: a local copy under ``$EASYEDIT_NMKE_DATA_DIR``
    (``wikitext-2/*.txt``), else the HF dataset when the network allows it;
 3. ``model-generated`` (also the fallback when nothing else is reachable): text the
-   model samples itself, so the method works on any offline machine.
-The second moment is cached on disk, keyed by model, layer, corpus and sample count.
+   model samples itself (at most ``MAX_GENERATED_TEXTS`` texts), so the method works
+   on any offline machine.
+The second moment is cached on disk, keyed by model, layer, the corpus actually used
+(resolved files, hub name or generated) and sample count.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -111,44 +113,59 @@ def generate_corpus(
     return texts
 
 
-def corpus_windows(
+# Sampling is slow on CPU: a self-generated corpus is capped (~33k tokens), enough for
+# a stable d_ff × d_ff second moment on small models.
+MAX_GENERATED_TEXTS = 256
+
+
+def _hub_reachable() -> bool:
+    return not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"))
+
+
+def resolve_corpus(
     model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams
-) -> Iterator[List[int]]:
-    """Token windows of ``mom2_max_length`` from the configured corpus, at most ``mom2_n_samples``."""
+) -> Tuple[str, Callable[[], List[str]]]:
+    """(description of the corpus actually used, function returning its texts)."""
     name = hparams.mom2_dataset
-    files = None if name == MODEL_GENERATED else _local_text_files(name)
-    texts: Optional[List[str]] = None
-    if files is None and name != MODEL_GENERATED:
-        texts = _hub_texts(name, hparams.mom2_n_samples)
-        if texts is None:
-            warnings.warn(
-                f"mom2_dataset {name!r} is neither a local file nor reachable online "
-                f"(set EASYEDIT_NMKE_DATA_DIR to a folder with wikitext-2/*.txt); using model-generated text"
-            )
-    if files is not None:
-        texts = [f.read_text(encoding="utf-8") for f in files]
-    if texts is None:
-        texts = generate_corpus(model, tok, hparams.mom2_n_samples, hparams.mom2_max_length)
+    if name != MODEL_GENERATED:
+        files = _local_text_files(name)
+        if files is not None:
+            return "files:" + ",".join(str(f.resolve()) for f in files), lambda: [
+                f.read_text(encoding="utf-8") for f in files
+            ]
+        texts = _hub_texts(name, hparams.mom2_n_samples) if _hub_reachable() else None
+        if texts is not None:
+            return f"hub:{name}", lambda: texts
+        warnings.warn(
+            f"mom2_dataset {name!r} is neither a local file nor reachable online "
+            f"(set EASYEDIT_NMKE_DATA_DIR to a folder with wikitext-2/*.txt); using model-generated text"
+        )
+    n_texts = min(hparams.mom2_n_samples, MAX_GENERATED_TEXTS)
+    return f"{MODEL_GENERATED}:{n_texts}", lambda: generate_corpus(model, tok, n_texts, hparams.mom2_max_length)
+
+
+def corpus_windows(texts: Sequence[str], tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> List[List[int]]:
+    """Token windows of ``mom2_max_length`` from ``texts``, at most ``mom2_n_samples``."""
     window = hparams.mom2_max_length
-    produced = 0
+    windows: List[List[int]] = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for start in range(0, max(len(ids) - 1, 1), window):
             chunk = ids[start : start + window]
             if len(chunk) < 8:
                 continue
-            yield chunk
-            produced += 1
-            if produced >= hparams.mom2_n_samples:
-                return
+            windows.append(chunk)
+            if len(windows) >= hparams.mom2_n_samples:
+                return windows
+    return windows
 
 
-def _cache_key(model: nn.Module, hparams: NMKEHyperParams, layer: int) -> str:
+def _cache_key(model: nn.Module, hparams: NMKEHyperParams, layer: int, corpus: str) -> str:
     description = {
         "model": hparams.model_name,
         "arch": type(model).__name__,
         "module": hparams.rewrite_module_tmp.format(layer),
-        "corpus": hparams.mom2_dataset,
+        "corpus": corpus,
         "n": hparams.mom2_n_samples,
         "len": hparams.mom2_max_length,
     }
@@ -162,10 +179,11 @@ def key_second_moments(
 ) -> Dict[int, torch.Tensor]:
     """E[k kᵀ] of the FFN keys at each layer, from the disk cache or one pass over the corpus."""
     directory = stats_directory(hparams)
+    corpus, load_texts = resolve_corpus(model, tok, hparams)
     result: Dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
-        path = directory / f"{_cache_key(model, hparams, layer)}.safetensors"
+        path = directory / f"{_cache_key(model, hparams, layer, corpus)}.safetensors"
         if path.is_file():
             result[layer] = load_file(str(path))["mom2"]
         else:
@@ -178,7 +196,7 @@ def key_second_moments(
     count = 0
     top_block = hparams.layer_module_tmp.format(max(missing))
 
-    windows = list(corpus_windows(model, tok, hparams))
+    windows = corpus_windows(load_texts(), tok, hparams)
     if not windows:
         raise ValueError(f"mom2_dataset {hparams.mom2_dataset!r} yielded no text")
     batch = 16
@@ -199,9 +217,9 @@ def key_second_moments(
             count += int(valid.sum())
     for layer in missing:
         mom2 = (sums[layer] / count).float().cpu()
-        path = directory / f"{_cache_key(model, hparams, layer)}.safetensors"
+        path = directory / f"{_cache_key(model, hparams, layer, corpus)}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mom2": mom2}, str(path), metadata={"tokens": str(count), "corpus": hparams.mom2_dataset})
+        save_file({"mom2": mom2}, str(path), metadata={"tokens": str(count), "corpus": corpus[:500]})
         result[layer] = mom2
     return result
 

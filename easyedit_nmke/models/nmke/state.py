@@ -41,6 +41,7 @@ class UndoRecord:
 @dataclass
 class NMKEState:
     layers: List[int]
+    key_moments: Dict[int, torch.Tensor] = field(default_factory=dict)  # E[k kᵀ] over the corpus
     projectors: Dict[int, torch.Tensor] = field(default_factory=dict)  # P per layer [d_ff, d_ff]
     key_cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # C = Σ K Kᵀ of past edits
     context_templates: List[str] = field(default_factory=list)
@@ -73,7 +74,7 @@ class NMKEState:
         return True
 
     def reset(self) -> None:
-        """Forget all edits (C, counters); projectors and context prefixes stay valid."""
+        """Forget all edits (C, counters); corpus statistics, projectors and prefixes stay valid."""
         for layer, c in self.key_cache.items():
             self.key_cache[layer] = torch.zeros_like(c)
         self.num_edits = 0
@@ -89,6 +90,8 @@ class NMKEState:
         tensors = {}
         for layer, p in self.projectors.items():
             tensors[f"projector.{layer}"] = p.detach().cpu().contiguous()
+        for layer, m in self.key_moments.items():
+            tensors[f"key_moment.{layer}"] = m.detach().cpu().contiguous()
         for layer, c in self.key_cache.items():
             tensors[f"key_cache.{layer}"] = c.detach().cpu().contiguous()
         save_file(tensors, str(directory / "nmke_state.safetensors"))
@@ -115,7 +118,8 @@ class NMKEState:
         state = cls(layers=[int(x) for x in meta["layers"]])
         for name, tensor in tensors.items():
             kind, layer = name.rsplit(".", 1)
-            getattr(state, {"projector": "projectors", "key_cache": "key_cache"}[kind])[int(layer)] = tensor
+            attribute = {"projector": "projectors", "key_cache": "key_cache", "key_moment": "key_moments"}[kind]
+            getattr(state, attribute)[int(layer)] = tensor
         state.context_templates = list(meta["context_templates"])
         state.num_edits = int(meta["num_edits"])
         state.kept_neurons = {int(k): int(v) for k, v in meta.get("kept_neurons", {}).items()}

@@ -1,0 +1,46 @@
+"""Null-space projector and the corpus it is estimated from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyedit_nmke.models.nmke.nullspace import key_second_moments, null_space_projector, resolve_corpus
+
+from conftest import tiny_hparams, tiny_model
+
+
+def test_projector_keeps_exactly_the_small_eigen_directions():
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8))
+    eigenvalues = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.01, 0.005, 0.001, 0.0])
+    mom2 = basis @ torch.diag(eigenvalues) @ basis.T
+    p = null_space_projector(mom2, threshold=0.02)
+    torch.testing.assert_close(p @ p, p, atol=1e-5, rtol=0)  # a projector
+    assert round(float(p.trace())) == 4
+    torch.testing.assert_close(p @ basis[:, :4], torch.zeros(8, 4), atol=1e-5, rtol=0)  # used directions removed
+    torch.testing.assert_close(p @ basis[:, 4:], basis[:, 4:], atol=1e-5, rtol=0)
+
+
+def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    first = key_second_moments(model, tokenizer, hp, hp.layers)
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert len(files) == len(hp.layers)
+    second = key_second_moments(model, tokenizer, hp, hp.layers)
+    for layer in hp.layers:
+        assert torch.equal(first[layer], second[layer])
+        assert torch.allclose(first[layer], first[layer].T, atol=1e-6)
+        assert torch.linalg.eigvalsh(first[layer].double()).min() > -1e-6  # positive semi-definite
+
+
+def test_unreachable_corpus_falls_back_to_model_text(tokenizer, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("EASYEDIT_NMKE_DATA_DIR", raising=False)
+    model = tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mom2_dataset="wikitext-2", mom2_n_samples=4, mom2_max_length=12)
+    with pytest.warns(UserWarning, match="model-generated"):
+        description, load = resolve_corpus(model, tokenizer, hp)
+    assert description == "model-generated:4"
+    texts = load()
+    assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
