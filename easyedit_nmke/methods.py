@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
-from torch import nn
+if TYPE_CHECKING:  # importing torch here would slow down `import easyedit_nmke`
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class MethodSpec:
     def edited_parameters(self, hparams: Any) -> List[str]:
         return self.load().edited_parameter_names(hparams)
 
-    def save_state(self, model: nn.Module, directory: Union[str, Path]) -> None:
+    def save_state(self, model: "nn.Module", directory: Union[str, Path]) -> None:
         self.load().save_method_state(model, directory)
 
-    def load_state(self, model: nn.Module, directory: Union[str, Path]) -> None:
+    def load_state(self, model: "nn.Module", directory: Union[str, Path]) -> None:
         self.load().load_method_state(model, directory)
 
 

@@ -26,14 +26,10 @@ from .compat.easyeditor_compat import (
     when_imported,
 )
 
-__all__ = ["register", "PLUGIN_METHODS", "BATCHABLE_METHODS"]
+from .methods import METHODS
 
-# alg_name -> (module, function), merged with ``easyedit_nmke.methods.METHODS`` (which
-# wins).  A method whose module does not exist is skipped.
-PLUGIN_METHODS: Dict[str, Tuple[str, str]] = {
-    "NMKE": ("easyedit_nmke.models.nmke", "apply_nmke_to_model"),
-    "MicroEdit": ("easyedit_nmke.models.microedit", "apply_microedit_to_model"),
-}
+__all__ = ["register", "BATCHABLE_METHODS"]
+
 # Methods that accept several requests per apply call (``BaseEditor.batch_edit``).
 BATCHABLE_METHODS = frozenset({"NMKE"})
 
@@ -45,25 +41,13 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def _method_table() -> Dict[str, Tuple[str, str]]:
-    table = dict(PLUGIN_METHODS)
-    try:  # imported here: it imports torch, which register() must not
-        from .methods import METHODS
-    except ImportError:
-        METHODS = {}
-    for alg_name, spec in METHODS.items():
-        table[alg_name] = (spec.module, spec.apply_function)
-    return table
-
-
 def _plugin_functions() -> Dict[str, Callable]:
     found: Dict[str, Callable] = {}
-    for alg_name, (module_name, function_name) in _method_table().items():
-        if not _module_exists(module_name):
+    for alg_name, spec in METHODS.items():
+        if not _module_exists(spec.module):
             continue
         try:
-            module = importlib.import_module(module_name)
-            found[alg_name] = getattr(module, function_name)
+            found[alg_name] = spec.apply
         except (ImportError, AttributeError) as exc:
             warnings.warn(
                 f"easyedit_nmke: {alg_name} not registered with EasyEdit: {exc!r}",

@@ -234,7 +234,11 @@ def test_register_is_idempotent_and_fills_alg_dict(tmp_path, monkeypatch):
         "def apply_toy(model, tok, requests, hparams, **kwargs):\n    return model, {}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(registration.PLUGIN_METHODS, "ToyPlugin", ("toy_plugin_method", "apply_toy"))
+    from easyedit_nmke.methods import MethodSpec
+
+    monkeypatch.setitem(
+        registration.METHODS, "ToyPlugin", MethodSpec("ToyPlugin", "toy_plugin_method", "ToyHParams", "apply_toy")
+    )
     alg_dict = _module("easyeditor.util.alg_dict").ALG_DICT
     before = dict(alg_dict)
     try:

@@ -39,7 +39,7 @@ from .nmke_hparams import NMKEHyperParams
 from .nullspace import key_second_moments, null_space_projector
 from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
 
-_CONTEXT_SEEDS = ["The", "Therefore", "Because", "I", "You"]
+_CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 
 class EditError(RuntimeError):
