@@ -38,6 +38,14 @@ class MethodSpec:
     def save_state(self, model: "nn.Module", directory: Union[str, Path]) -> None:
         self.load().save_method_state(model, directory)
 
+    def prepare(self, model: "nn.Module", tok: Any, hparams: Any) -> None:
+        """One-off setup (statistics, caches) so that edit timings exclude it."""
+        self.load().prepare_method(model, tok, hparams)
+
+    def phase_seconds(self, model: "nn.Module") -> Dict[str, float]:
+        """Cumulative seconds per editing phase (z, attribution, keys, solve, ...)."""
+        return self.load().phase_seconds(model)
+
     def load_state(self, model: "nn.Module", directory: Union[str, Path]) -> None:
         self.load().load_method_state(model, directory)
 

@@ -40,9 +40,8 @@ def _first(value: Any) -> Optional[str]:
 def record_from_dict(raw: Mapping[str, Any], source: str = "") -> EditRecord:
     """Accepts ZsRE keys (src/alt/rephrase/loc/loc_ans) and CounterFact/WISE keys (prompt/target_new/...)."""
     if "src" in raw:
+        # The locality prompt keeps its "nq question: " prefix, as EasyEdit's ZsRE loader does.
         loc = raw.get("loc")
-        if isinstance(loc, str) and loc.startswith("nq question: "):
-            loc = loc[len("nq question: ") :]
         record = EditRecord(
             prompt=raw["src"],
             subject=raw.get("subject", ""),

@@ -226,6 +226,9 @@ def run_lifelong(
         for i, p in zip(loc_idx, preds):
             references[i] = p
 
+    start = time.perf_counter()
+    spec.prepare(model, tok, hparams)
+    result.extra["setup_seconds"] = result.extra.get("setup_seconds", 0.0) + time.perf_counter() - start
     bar = tqdm(total=n, initial=done, desc=f"{spec.alg_name} edits", disable=not config.progress)
     while done < n:
         record = records[done]
@@ -247,6 +250,7 @@ def run_lifelong(
                 "avg": average(scores, config.metric),
                 "sec_per_edit": edit_seconds / done,
                 "peak_rss_mb": peak_rss_mb(),
+                "phase_seconds": spec.phase_seconds(model),
             }
             result.runs = [r for r in result.runs if r["T"] != done] + [row]
             bar.write(format_row(row))

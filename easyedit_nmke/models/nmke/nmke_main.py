@@ -373,3 +373,13 @@ def save_method_state(model: nn.Module, directory) -> None:
 def load_method_state(model: nn.Module, directory) -> None:
     device = next(model.parameters()).device
     attach_state(model, NMKEState.load(directory, device=device))
+
+
+def phase_seconds(model: nn.Module) -> Dict[str, float]:
+    state = get_state(model)
+    return dict(state.timings) if state is not None else {}
+
+
+def prepare_method(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> None:
+    """One-off setup before a run (corpus statistics, projectors, prefixes), timed apart from edits."""
+    prepare_state(model, tok, hparams)
