@@ -136,7 +136,10 @@ def test_readout_cache_update_matches_recompute(llama, tokenizer, corpus_file, t
 def test_restore_with_returned_weights_is_exact(llama, tokenizer, corpus_file, tmp_path):
     hp = tiny_hparams("llama", corpus_file, tmp_path)
     before = _weights(llama)
-    _, weights_copy = apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp, return_orig_weights=True)
+    # keep_original_weight=True: the originals come back whichever EasyEdit (if any) is loaded.
+    _, weights_copy = apply_nmke_to_model(
+        llama, tokenizer, REQUESTS[:1], hp, return_orig_weights=True, keep_original_weight=True
+    )
     assert set(weights_copy) == {hp.rewrite_module_tmp.format(layer) + ".weight" for layer in hp.layers}
     with torch.no_grad():
         for name, value in weights_copy.items():
@@ -275,7 +278,9 @@ def test_restored_weights_roll_back_lifelong_statistics(llama, tokenizer, corpus
     """Non-sequential editing: after the caller restores the weights, C forgets that edit."""
     hp = tiny_hparams("llama", corpus_file, tmp_path)
     for request in REQUESTS[:2]:
-        _, weights_copy = apply_nmke_to_model(llama, tokenizer, [request], hp, return_orig_weights=True)
+        _, weights_copy = apply_nmke_to_model(
+            llama, tokenizer, [request], hp, return_orig_weights=True, keep_original_weight=True
+        )
         with torch.no_grad():
             for name, value in weights_copy.items():
                 nethook.get_parameter(llama, name)[...] = value
