@@ -382,13 +382,18 @@ def test_nmke_is_registered():
     assert _module("easyeditor.util.alg_dict").ALG_DICT["NMKE"] is nmke.apply_nmke_to_model
 
 
-def test_nmke_edit_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
-    hparams = _tiny_nmke_hparams(tiny_llama_dir, tmp_path)
-    monkeypatch.chdir(tmp_path)
+def _nmke_editor(model_dir: Path, tmp_path: Path, monkeypatch):
+    """(hparams, BaseEditor running NMKE on the tiny Llama, the model's original parameters)."""
+    hparams = _tiny_nmke_hparams(model_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)  # BaseEditor writes ./logs
     assert registration.register() is True
-    BaseEditor = _module("easyeditor.editors.editor").BaseEditor
-    editor = BaseEditor(hparams)
+    editor = _module("easyeditor.editors.editor").BaseEditor(hparams)
     originals = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    return hparams, editor, originals
+
+
+def test_nmke_edit_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
+    hparams, editor, originals = _nmke_editor(tiny_llama_dir, tmp_path, monkeypatch)
 
     changed: List[str] = []
     apply_algo = editor.apply_algo
@@ -422,12 +427,7 @@ def test_nmke_edit_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkey
 
 
 def test_nmke_sequential_edits_accumulate_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
-    hparams = _tiny_nmke_hparams(tiny_llama_dir, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    assert registration.register() is True
-    BaseEditor = _module("easyeditor.editors.editor").BaseEditor
-    editor = BaseEditor(hparams)
-    originals = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    hparams, editor, originals = _nmke_editor(tiny_llama_dir, tmp_path, monkeypatch)
     mode = {"keep_original_weight": False} if easyeditor_flavour() == "pypi" else {"sequential_edit": True}
     editor.edit(
         prompts=["The capital of France is", "The Eiffel Tower is in"],
