@@ -62,18 +62,6 @@ def method_spec(alg_name: str) -> MethodSpec:
         raise ValueError(f"unknown alg_name {alg_name!r}; this plugin provides {sorted(METHODS)}") from None
 
 
-def available_methods() -> List[str]:
-    """Methods whose module imports in this environment."""
-    names = []
-    for name, spec in METHODS.items():
-        try:
-            spec.load()
-        except ImportError:
-            continue
-        names.append(name)
-    return names
-
-
 def load_hparams(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None):
     """Read ``alg_name`` from a YAML and build that method's hparams, with overrides applied."""
     import yaml

@@ -7,7 +7,7 @@ placeholder and ``{"str": ...}`` targets.  Both are accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, List, Mapping, Sequence, Tuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -108,6 +108,3 @@ def pad_id(tok: PreTrainedTokenizerBase) -> int:
         return int(tok.eos_token_id)
     return 0
 
-
-def request_summary(request: EditRequest) -> Dict[str, str]:
-    return {"prompt": request.prompt, "subject": request.subject, "target": request.target}

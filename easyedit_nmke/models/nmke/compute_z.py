@@ -81,7 +81,6 @@ def compute_z(
     device = next(model.parameters()).device
     batch = build_rewrite_batch(tok, request, context_templates)
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    rows_all = torch.arange(ids.shape[0], device=device)
     lookup = batch.lookup.to(device)
     kl_row = ids.shape[0] - 1
     kl_rows = torch.tensor([kl_row], device=device)
