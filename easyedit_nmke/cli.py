@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--work-dir", type=Path, default=None, help="checkpoint here; a rerun resumes from it")
     edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     edit.add_argument("--no-progress", action="store_true")
+    edit.add_argument(
+        "--ard-plot", type=Path, default=None, help="MicroEdit: record every ARD and plot the distributions (PNG)"
+    )
     return parser
 
 
@@ -95,6 +98,7 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
         eval_at=parse_eval_at(args.eval_at, len(records)),
         metric=args.metric,
         immediate=args.immediate,
+        record_distances=args.ard_plot is not None,
         progress=not args.no_progress,
     )
     result = run_lifelong(
@@ -114,6 +118,10 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
         args.out.write_text(json.dumps(data, indent=2))
     print()
     print(results_table(data))
+    if args.ard_plot:
+        from .evaluate.ard_plot import plot_ard_distributions
+
+        print(f"ARD distributions: {plot_ard_distributions(data, args.ard_plot)}")
     return data
 
 

@@ -20,6 +20,8 @@ class MethodSpec:
     module: str  # import path of the method folder
     hparams_class: str
     apply_function: str
+    # Optional function(model, tok, groups, with_distances) -> dict of extra per-checkpoint figures.
+    report_function: Optional[str] = None
 
     def load(self):
         return importlib.import_module(self.module)
@@ -49,9 +51,24 @@ class MethodSpec:
     def load_state(self, model: "nn.Module", directory: Union[str, Path]) -> None:
         self.load().load_method_state(model, directory)
 
+    def checkpoint_report(
+        self, model: "nn.Module", tok: Any, groups: Dict[str, List[Any]], with_distances: bool = False
+    ) -> Dict[str, Any]:
+        """Method-specific figures at a checkpoint (MicroEdit: share of inputs routed through the SAE)."""
+        if self.report_function is None:
+            return {}
+        return getattr(self.load(), self.report_function)(model, tok, groups, with_distances=with_distances)
+
 
 METHODS: Dict[str, MethodSpec] = {
     "NMKE": MethodSpec("NMKE", "easyedit_nmke.models.nmke", "NMKEHyperParams", "apply_nmke_to_model"),
+    "MicroEdit": MethodSpec(
+        "MicroEdit",
+        "easyedit_nmke.models.microedit",
+        "MicroEditHyperParams",
+        "apply_microedit_to_model",
+        report_function="routing_report",
+    ),
 }
 
 

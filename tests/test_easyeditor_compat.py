@@ -440,3 +440,81 @@ def test_nmke_sequential_edits_accumulate_through_base_editor(tiny_llama_dir, no
     assert changed == {hparams.rewrite_module_tmp.format(layer) + ".weight" for layer in hparams.layers}
     state = _nmke_module().get_state(editor.model)
     assert state.num_edits == 2  # both edits kept in the lifelong statistics
+
+
+# ----------------------------------------------------------------------------------
+# MicroEdit through BaseEditor
+# ----------------------------------------------------------------------------------
+def _microedit_editor(model_dir: Path, tmp_path: Path, monkeypatch):
+    """(BaseEditor running MicroEdit on the tiny Llama with a tiny TopK SAE, original model parameters)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from easyedit_nmke.models.microedit import MicroEditHyperParams
+
+    torch.manual_seed(0)
+    sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=32, d_sae=64, k=4, dtype="float32", device="cpu"))
+    sae.save_model(str(tmp_path / "sae"))
+    hparams = MicroEditHyperParams.from_dict(
+        dict(
+            alg_name="MicroEdit",
+            model_name=str(model_dir),
+            device="cpu",
+            layers=[1],
+            layer_module_tmp="model.layers.{}",
+            sae_path=str(tmp_path / "sae"),
+            ard_threshold=1e9,
+            ard_alpha=1.0,
+            edit_lr=5e-2,
+            stage1_steps=2,
+            stage2_steps=5,
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    assert registration.register() is True
+    editor = _module("easyeditor.editors.editor").BaseEditor(hparams)
+    originals = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    return editor, originals
+
+
+def test_microedit_is_registered():
+    from easyedit_nmke.models.microedit import apply_microedit_to_model
+
+    assert registration.register() is True
+    assert _module("easyeditor.util.alg_dict").ALG_DICT["MicroEdit"] is apply_microedit_to_model
+
+
+def test_microedit_edit_through_base_editor_restores_the_decoder(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
+    editor, originals = _microedit_editor(tiny_llama_dir, tmp_path, monkeypatch)
+    kwargs = {"keep_original_weight": True} if easyeditor_flavour() == "pypi" else {}
+    metrics, _, weights_copy = editor.edit(
+        prompts=["The capital of France is"],
+        target_new=["Rome"],
+        ground_truth=["Paris"],
+        subject=["France"],
+        **kwargs,
+    )
+    assert math.isfinite(float(metrics[0]["post"]["rewrite_acc"][0]))
+    assert set(weights_copy) == {"microedit_sae.W_dec"}
+    decoder = dict(editor.model.named_parameters())["microedit_sae.W_dec"]
+    assert torch.equal(decoder, weights_copy["microedit_sae.W_dec"])  # restored after the edit
+    for name, value in originals.items():  # the LLM itself is never written
+        assert torch.equal(dict(editor.model.named_parameters())[name], value), name
+
+
+def test_microedit_sequential_edits_accumulate_through_base_editor(tiny_llama_dir, no_cuda, tmp_path, monkeypatch):
+    from easyedit_nmke.models.microedit import get_state
+
+    editor, originals = _microedit_editor(tiny_llama_dir, tmp_path, monkeypatch)
+    mode = {"keep_original_weight": False} if easyeditor_flavour() == "pypi" else {"sequential_edit": True}
+    editor.edit(
+        prompts=["The capital of France is", "The Eiffel Tower is in"],
+        target_new=["Rome", "Berlin"],
+        ground_truth=["Paris", "Paris"],
+        subject=["France", "Eiffel Tower"],
+        **mode,
+    )
+    state = get_state(editor.model)
+    assert state.num_edits == 2
+    assert state.original_rows  # decoder rows changed and were kept
+    edited = state.edited_latents()
+    originals_rows = torch.stack([state.original_rows[i] for i in edited.tolist()])
+    assert not torch.equal(state.sae.W_dec[edited], originals_rows)

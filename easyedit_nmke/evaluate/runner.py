@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,6 +61,8 @@ class RunConfig:
     immediate: bool = False  # also evaluate each edit right after applying it
     batch_size: int = 16
     progress: bool = True
+    # Keep per-input figures a method reports (MicroEdit: every ARD) in the checkpoint rows.
+    record_distances: bool = False
 
 
 @dataclass
@@ -73,6 +75,8 @@ class RunResult:
     runs: List[Dict[str, Any]] = field(default_factory=list)
     immediate: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    # Per-edit "right after the edit" scores behind ``immediate`` (checkpointed, not in the JSON).
+    immediate_raw: Dict[str, List[float]] = field(default_factory=lambda: {"rel": [], "gen": [], "loc": []})
 
     def to_dict(self) -> Dict[str, Any]:
         out = {
@@ -89,6 +93,15 @@ class RunResult:
         return out
 
 
+def evaluation_groups(records: Sequence[EditRecord]) -> Dict[str, List[Tuple[str, str]]]:
+    """The (prompt, answer) pairs behind Rel, Gen and Loc."""
+    return {
+        "edit": [(r.prompt, r.target) for r in records],
+        "gen": [(r.rephrase, r.target) for r in records if r.rephrase],
+        "loc": [(r.locality_prompt, r.locality_answer) for r in records if r.locality_prompt and r.locality_answer],
+    }
+
+
 def evaluate_records(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -97,10 +110,9 @@ def evaluate_records(
     config: RunConfig,
 ) -> Dict[str, Optional[float]]:
     """Rel/Gen/Loc of the current model over ``records``."""
-    edit_pairs = [(r.prompt, r.target) for r in records]
-    rephrase = [(r.rephrase, r.target) for r in records if r.rephrase]
+    groups = evaluation_groups(records)
+    edit_pairs, rephrase, loc_pairs = groups["edit"], groups["gen"], groups["loc"]
     loc_idx = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
-    loc_pairs = [(records[i].locality_prompt, records[i].locality_answer) for i in loc_idx]
     if config.metric == "perplexity":
         rel = metrics.mean(metrics.target_perplexity(model, tok, edit_pairs, config.batch_size))
         gen = metrics.mean(metrics.target_perplexity(model, tok, rephrase, config.batch_size)) if rephrase else None
@@ -135,7 +147,7 @@ class _Checkpointer:
         self.hparams = hparams
         # A checkpoint only fits the same edit sequence with the same hparams.
         digest = hashlib.sha1(json.dumps([[r.prompt, r.target] for r in records]).encode())
-        digest.update(json.dumps(hparams.to_dict(), sort_keys=True, default=str).encode())
+        digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
         self.fingerprint = digest.hexdigest()
 
     def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
@@ -156,7 +168,7 @@ class _Checkpointer:
             "edit_seconds": edit_seconds,
             "records": self.fingerprint,
             "result": result.to_dict(),
-            "immediate_raw": result.extra.get("_immediate_raw"),
+            "immediate_raw": result.immediate_raw,
         }
         (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         final = self.directory / "checkpoint"
@@ -204,17 +216,23 @@ def run_lifelong(
         alg=spec.alg_name,
         model=hparams.model_name,
         data=list(data_names),
-        hparams=hparams.to_dict(),
+        hparams=hparams_dict(hparams),
         env=environment(),
     )
     checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records)
+    # Prepare first: a method may add the modules its saved state is restored into (MicroEdit's SAE).
+    start = time.perf_counter()
+    spec.prepare(model, tok, hparams)
+    result.extra["setup_seconds"] = time.perf_counter() - start
     restored = checkpointer.restore(model, n)
-    immediate_raw: Dict[str, List[float]] = {"rel": [], "gen": []}
+    immediate_raw = result.immediate_raw
     if restored is not None:
         progress, references = restored
         done, edit_seconds = progress["done"], progress["edit_seconds"]
         result.runs = progress["result"]["runs"]
-        immediate_raw = progress.get("immediate_raw") or immediate_raw
+        if "routing_before" in progress["result"]:
+            result.extra["routing_before"] = progress["result"]["routing_before"]
+        immediate_raw.update(progress.get("immediate_raw") or {})
         print(f"[easyedit-nmke] resuming from checkpoint after {done} edits in {work_dir}")
     else:
         done, edit_seconds = 0, 0.0
@@ -226,9 +244,10 @@ def run_lifelong(
         for i, p in zip(loc_idx, preds):
             references[i] = p
 
-    start = time.perf_counter()
-    spec.prepare(model, tok, hparams)
-    result.extra["setup_seconds"] = result.extra.get("setup_seconds", 0.0) + time.perf_counter() - start
+    if config.record_distances and done == 0:
+        before = spec.checkpoint_report(model, tok, evaluation_groups(records), with_distances=True)
+        if before:
+            result.extra["routing_before"] = before
     bar = tqdm(total=n, initial=done, desc=f"{spec.alg_name} edits", disable=not config.progress)
     while done < n:
         record = records[done]
@@ -238,10 +257,7 @@ def run_lifelong(
         done += 1
         bar.update(1)
         if config.immediate:
-            if config.metric == "accuracy":
-                immediate_raw["rel"] += metrics.token_accuracy(model, tok, [(record.prompt, record.target)])
-                if record.rephrase:
-                    immediate_raw["gen"] += metrics.token_accuracy(model, tok, [(record.rephrase, record.target)])
+            score_immediately(model, tok, record, references[done - 1], config, immediate_raw)
         if done in checkpoints:
             scores = evaluate_records(model, tok, records[:done], references[:done], config)
             row = {
@@ -252,19 +268,54 @@ def run_lifelong(
                 "peak_rss_mb": peak_rss_mb(),
                 "phase_seconds": spec.phase_seconds(model),
             }
+            report = spec.checkpoint_report(
+                model, tok, evaluation_groups(records[:done]), with_distances=config.record_distances
+            )
+            if report:
+                row["routing"] = report
+            if config.immediate:
+                row["immediate"] = immediate_summary(immediate_raw)
             result.runs = [r for r in result.runs if r["T"] != done] + [row]
             bar.write(format_row(row))
-            result.extra["_immediate_raw"] = immediate_raw
             checkpointer.save(model, done, edit_seconds, result, references)
     bar.close()
-    result.extra.pop("_immediate_raw", None)
     if config.immediate and immediate_raw["rel"]:
-        result.immediate = {
-            "T": done,
-            "rel": metrics.mean(immediate_raw["rel"]),
-            "gen": metrics.mean(immediate_raw["gen"]),
-        }
+        result.immediate = {"T": done, **immediate_summary(immediate_raw)}
     return result
+
+
+def score_immediately(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    record: EditRecord,
+    reference: Optional[torch.Tensor],
+    config: RunConfig,
+    raw: Dict[str, List[float]],
+) -> None:
+    """EasyEdit's per-edit numbers: the edit just applied, scored before the next one."""
+    score = metrics.target_perplexity if config.metric == "perplexity" else metrics.token_accuracy
+    raw.setdefault("rel", []).extend(score(model, tok, [(record.prompt, record.target)]))
+    if record.rephrase:
+        raw.setdefault("gen", []).extend(score(model, tok, [(record.rephrase, record.target)]))
+    if reference is not None and record.locality_prompt and record.locality_answer:
+        raw.setdefault("loc", []).extend(
+            metrics.locality_agreement(model, tok, [(record.locality_prompt, record.locality_answer)], [reference])
+        )
+
+
+def immediate_summary(raw: Dict[str, List[float]]) -> Dict[str, Optional[float]]:
+    """Means of the per-edit scores so far (Rel/Gen/Loc right after each edit)."""
+    return {key: metrics.mean(raw.get(key, [])) for key in ("rel", "gen", "loc")}
+
+
+def hparams_dict(hparams: Any) -> Dict[str, Any]:
+    """``hparams.to_dict()``; EasyEdit's PyPI HyperParams has no to_dict, so asdict there."""
+    to_dict = getattr(hparams, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    import dataclasses
+
+    return dataclasses.asdict(hparams)
 
 
 def format_row(row: Dict[str, Any]) -> str:
@@ -274,6 +325,10 @@ def format_row(row: Dict[str, Any]) -> str:
     return (
         f"T={row['T']:>5}  Rel {f(row['rel'])}  Gen {f(row['gen'])}  Loc {f(row['loc'])}  "
         f"avg {f(row['avg'])}  {row['sec_per_edit']:.2f} s/edit  {row['peak_rss_mb']:.0f} MB"
+    ) + (
+        f"  routed edit {f(row['routing'].get('routed_edit'))} loc {f(row['routing'].get('routed_loc'))}"
+        if "routing" in row
+        else ""
     )
 
 
@@ -282,25 +337,31 @@ def results_table(result: Dict[str, Any]) -> str:
     hp = result.get("hparams", {})
     mode = hp.get("mask_mode")
     title = result["alg"] + (f" ({mode})" if mode else "")
-    lines = [
-        f"{title} on {result['model']}",
-        "",
-        "|     T |   Rel |   Gen |   Loc |   avg | s/edit | peak RSS MB |",
-        "|------:|------:|------:|------:|------:|-------:|------------:|",
-    ]
+    routing = any("routing" in row for row in result["runs"])
+    header = "|     T |   Rel |   Gen |   Loc |   avg | s/edit | peak RSS MB |"
+    rule = "|------:|------:|------:|------:|------:|-------:|------------:|"
+    if routing:  # MicroEdit: share of edit / locality inputs the ARD switch sends through the SAE
+        header += " routed edit | routed loc |"
+        rule += "------------:|-----------:|"
+    lines = [f"{title} on {result['model']}", "", header, rule]
 
     def f(v):
         return "    -" if v is None else f"{v:.3f}"
 
     for row in result["runs"]:
-        lines.append(
+        line = (
             f"| {row['T']:>5} | {f(row['rel'])} | {f(row['gen'])} | {f(row['loc'])} | {f(row['avg'])} | "
             f"{row['sec_per_edit']:>6.2f} | {row['peak_rss_mb']:>11.0f} |"
         )
+        if routing:
+            share = row.get("routing", {})
+            line += f" {f(share.get('routed_edit')):>11} | {f(share.get('routed_loc')):>10} |"
+        lines.append(line)
     imm = result.get("immediate")
     if imm:
         lines.append("")
         lines.append(
             f"Right after each edit (EasyEdit's per-edit numbers, not lifelong): Rel {f(imm['rel'])}  Gen {f(imm['gen'])}"
+            + (f"  Loc {f(imm['loc'])}" if "loc" in imm else "")
         )
     return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""New decoder rows for one MicroEdit edit.
+
+The LLM and the SAE encoder are frozen, so the latent activations ĥ of the edit's
+input do not change while the decoder is trained: ẑ = ĥ·W_dec + b_dec is linear in
+the rows of the latents active on the input (the union over its ordinary positions)
+and only those rows are optimised — as a separate tensor, so every other row stays
+bitwise unchanged.
+
+Stage 1 ("distance regularisation") minimises the input's ARD, which pulls the edit
+prompt under the switch threshold; stage 2 minimises ARD + L_edit, with
+L_edit = −log P(target_new | prompt) when ẑ replaces the block output.  The input is
+the prompt followed by the teacher-forced target tokens, the same sequence the
+reliability metric feeds, so the positions whose reconstruction is trained are the
+positions whose routing is later decided.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...util import nethook
+from ...util.model_parts import logits_at
+from ...util.requests import EditRequest, encode, encode_target
+from .activations import ordinary_positions
+from .microedit_hparams import MicroEditHyperParams
+from .sae_hook import SAESwitch, reconstruction_distance
+
+
+@dataclass
+class DecoderEdit:
+    latents: torch.Tensor  # [n_active] latent indices whose decoder rows change
+    rows: torch.Tensor  # [n_active, d_in] their new decoder rows
+    ard_before: float
+    ard_after: float
+    target_prob: float  # mean target-token probability with ẑ in place, after training
+    stage1_steps: int
+    stage2_steps: int
+    prob_history: List[float]
+
+
+def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
+    """Output of the hooked block with the SAE bypassed (z), without running later blocks."""
+    with switch.mode_set("off"), nethook.capture(model, [layer_name]) as record, nethook.stop_after(model, layer_name):
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        except nethook.StopForward:
+            pass
+    return record[layer_name]
+
+
+def compute_decoder_edit(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: MicroEditHyperParams,
+    switch: SAESwitch,
+) -> DecoderEdit:
+    sae = switch.sae
+    device = sae.W_dec.device
+    layer_name = hparams.layer_module_tmp.format(hparams.layer)
+    prompt_ids = encode(tok, request.prompt)
+    target_ids = encode_target(tok, request.target)
+    input_ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
+    rows = torch.zeros(len(target_ids), dtype=torch.long, device=device)
+    cols = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device)
+    targets = torch.tensor(target_ids, device=device)
+
+    z = block_output(model, layer_name, input_ids, switch)
+    hidden = z.to(sae.W_dec.dtype)
+    ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
+    with torch.no_grad():
+        acts = sae.encode(hidden)  # [1, seq, d_sae]; fixed: the encoder does not read W_dec
+    latents = (acts[ordinary] != 0).any(0).nonzero().squeeze(1)
+    if latents.numel() == 0:
+        raise ValueError(f"no SAE latent is active on the edit prompt {request.prompt!r}")
+    active_acts = acts[..., latents]
+    new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
+    b_dec = sae.b_dec.detach()
+
+    def reconstruction() -> torch.Tensor:
+        return active_acts @ new_rows + b_dec
+
+    def ard() -> torch.Tensor:
+        return reconstruction_distance(hidden, reconstruction(), ordinary, hparams.ard_alpha)[0]
+
+    replace = ordinary.unsqueeze(-1)
+    state = {"recon": None}
+
+    def use_reconstruction(block_hidden: torch.Tensor) -> torch.Tensor:
+        return torch.where(replace, state["recon"].to(block_hidden.dtype), block_hidden)
+
+    optimizer = torch.optim.Adam([new_rows], lr=hparams.edit_lr)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ard_before = float(ard().detach())
+    history: List[float] = []
+    stage1 = stage2 = 0
+    target_prob = 0.0
+    try:
+        for stage1 in range(1, hparams.stage1_steps + 1):
+            optimizer.zero_grad()
+            loss = ard()
+            loss.backward()
+            optimizer.step()
+        attention_mask = torch.ones_like(input_ids)
+        for stage2 in range(1, hparams.stage2_steps + 1):
+            optimizer.zero_grad()
+            state["recon"] = reconstruction()
+            with switch.mode_set("off"), nethook.edit_output(model, layer_name, use_reconstruction):
+                logits = logits_at(model, input_ids, attention_mask, rows, cols).float()
+            token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
+            target_prob = float(token_logp.detach().exp().mean())
+            history.append(target_prob)
+            if target_prob >= hparams.stop_prob:
+                break
+            loss = reconstruction_distance(hidden, state["recon"], ordinary, hparams.ard_alpha)[0] - token_logp.mean()
+            loss.backward()
+            optimizer.step()
+    finally:
+        state["recon"] = None
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return DecoderEdit(
+        latents=latents,
+        rows=new_rows.detach(),
+        ard_before=ard_before,
+        ard_after=float(ard().detach()),
+        target_prob=target_prob,
+        stage1_steps=stage1,
+        stage2_steps=stage2,
+        prob_history=history,
+    )

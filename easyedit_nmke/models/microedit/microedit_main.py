@@ -1,0 +1,201 @@
+"""MicroEdit: apply edits by training SAE decoder rows, with the ARD switch at inference.
+
+Entry point with EasyEdit's contract: ``apply_microedit_to_model(model, tok, requests,
+hparams, copy=False, return_orig_weights=False, keep_original_weight=False)``.  The
+first call hooks the SAE into the model (loading, or training and caching, it when
+needed) and calibrates τ; later calls reuse that state, so sequential calls
+accumulate edits in the SAE decoder.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ...compat import weights_copy_for_easyeditor
+from ...util.requests import EditRequest, continuation, encode, encode_target, normalise_requests, pad_id
+from .calibration import calibrate_threshold, input_ard
+from .compute_decoder_edit import compute_decoder_edit
+from .microedit_hparams import MicroEditHyperParams
+from .sae_hook import SAESwitch
+from .sae_io import check_layer, ensure_sae
+from .state import SAE_ATTRIBUTE, MicroEditState, attach_state, detach_microedit, get_state
+
+DECODER_PARAMETER = f"{SAE_ATTRIBUTE}.W_dec"
+
+
+def sae_source(hparams: MicroEditHyperParams) -> str:
+    path = hparams.resolved_sae_path()
+    if path is not None and (path.exists() or hparams.can_train_sae or not hparams.sae_release):
+        return str(path)
+    return f"{hparams.sae_release}/{hparams.sae_id}"
+
+
+def prepare_state(
+    model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MicroEditHyperParams, progress: bool = True
+) -> MicroEditState:
+    """Hook the SAE into ``model`` and calibrate τ, once; later calls return the same state."""
+    source = sae_source(hparams)
+    state = get_state(model)
+    if state is not None:
+        if state.layer != hparams.layer or state.sae_source != source:
+            raise ValueError(
+                f"the model already carries a MicroEdit SAE at layer {state.layer} ({state.sae_source}); "
+                f"call detach_microedit(model) before using layer {hparams.layer} ({source})"
+            )
+        if hparams.ard_threshold is not None:
+            state.switch.threshold = hparams.ard_threshold
+        return state
+    check_layer(model, hparams)
+    device = next(model.parameters()).device
+    sae = ensure_sae(model, tok, hparams).to(device)
+    sae.requires_grad_(False)
+    layer_name = hparams.layer_module_tmp.format(hparams.layer)
+    switch = SAESwitch(sae, float("inf"), hparams.ard_alpha, hparams.massive_norm_factor)
+    model.add_module(SAE_ATTRIBUTE, sae)
+    switch.install(model, layer_name)
+    state = attach_state(model, MicroEditState(layer=hparams.layer, layer_name=layer_name, switch=switch, sae_source=source))
+    try:
+        start = time.perf_counter()
+        switch.threshold = (
+            hparams.ard_threshold
+            if hparams.ard_threshold is not None
+            else calibrate_threshold(model, tok, switch, hparams, progress=progress)
+        )
+        state.last_edit_info["calibration_seconds"] = time.perf_counter() - start
+    except BaseException:
+        detach_microedit(model)
+        raise
+    return state
+
+
+def execute_microedit(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    hparams: MicroEditHyperParams,
+    state: MicroEditState,
+) -> None:
+    """Apply ``requests`` one after another (batch size 1, as in the paper)."""
+    for request in requests:
+        start = time.perf_counter()
+        edit = compute_decoder_edit(model, tok, request, hparams, state.switch)
+        state.remember_originals(edit.latents)
+        with torch.no_grad():
+            state.sae.W_dec[edit.latents] = edit.rows.to(state.sae.W_dec.dtype)
+        state.num_edits += 1
+        state.add_time("train", time.perf_counter() - start)
+        state.last_edit_info.update(
+            latents=int(edit.latents.numel()),
+            ard_before=edit.ard_before,
+            ard_after=edit.ard_after,
+            routed=edit.ard_after <= state.threshold,
+            target_prob=edit.target_prob,
+            steps=[edit.stage1_steps, edit.stage2_steps],
+        )
+
+
+def apply_microedit_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[Mapping[str, Any]],
+    hparams: MicroEditHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: bool = False,
+    **kwargs: Any,
+) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
+    """EasyEdit entry point: edit ``model`` in place (or a copy) and return ``(model, weights_copy)``.
+
+    ``weights_copy`` holds the decoder before the edit under ``microedit_sae.W_dec``,
+    a parameter of the edited model, so EasyEdit's restore writes it back exactly.
+    """
+    edit_requests = normalise_requests(requests)
+    check_layer(model, hparams)
+    if copy:
+        model = _copy_with_state(model)
+    state = prepare_state(model, tok, hparams)
+    weights_copy: Dict[str, torch.Tensor] = {}
+    if return_orig_weights:
+        weights_copy[DECODER_PARAMETER] = state.sae.W_dec.detach().clone()
+    execute_microedit(model, tok, edit_requests, hparams, state)
+    return model, weights_copy_for_easyeditor(weights_copy, keep_original_weight)
+
+
+def _copy_with_state(model: nn.Module) -> nn.Module:
+    """Deep copy whose hook belongs to the copy (hook handles cannot be deep-copied)."""
+    state = get_state(model)
+    if state is None:
+        return copy_module.deepcopy(model)
+    state.switch.remove()
+    try:
+        copied = copy_module.deepcopy(model)
+    finally:
+        state.switch.install(model, state.layer_name)
+    get_state(copied).switch.install(copied, state.layer_name)
+    return copied
+
+
+def reset_microedit_state(model: nn.Module) -> None:
+    state = get_state(model)
+    if state is not None:
+        state.reset()
+
+
+def edited_parameter_names(hparams: MicroEditHyperParams) -> List[str]:
+    """Parameters a MicroEdit edit writes (what a resumable run must save)."""
+    return [DECODER_PARAMETER]
+
+
+def save_method_state(model: nn.Module, directory) -> None:
+    state = get_state(model)
+    if state is not None:
+        state.save(directory)
+
+
+def load_method_state(model: nn.Module, directory) -> None:
+    state = get_state(model)
+    if state is None:
+        raise RuntimeError("MicroEdit state can only be loaded into a prepared model (call prepare_method first)")
+    state.load(directory)
+
+
+def phase_seconds(model: nn.Module) -> Dict[str, float]:
+    state = get_state(model)
+    return dict(state.timings) if state is not None else {}
+
+
+def prepare_method(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MicroEditHyperParams) -> None:
+    """One-off setup before a run (SAE, τ calibration), timed apart from edits."""
+    prepare_state(model, tok, hparams)
+
+
+def routing_report(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    groups: Mapping[str, Sequence[Tuple[str, str]]],
+    with_distances: bool = False,
+) -> Dict[str, Any]:
+    """Share of inputs the switch routes through the SAE, per group of (prompt, answer) pairs.
+
+    Inputs are built exactly as the metrics feed them (prompt + teacher-forced answer).
+    """
+    state = get_state(model)
+    if state is None:
+        return {}
+    report: Dict[str, Any] = {"tau": state.threshold}
+    distances: Dict[str, List[float]] = {}
+    for name, pairs in groups.items():
+        if not pairs:
+            continue
+        sequences = [encode(tok, p) + encode_target(tok, continuation(a))[:-1] for p, a in pairs]
+        ard = input_ard(model, state.switch, state.layer_name, sequences, pad_id(tok))
+        report[f"routed_{name}"] = sum(v <= state.threshold for v in ard) / len(ard)
+        distances[name] = ard
+    if with_distances:
+        report["ard"] = distances
+    return report

@@ -1,0 +1,300 @@
+"""MicroEdit on tiny random models with tiny TopK SAEs: hook, switch, decoder-row edits, state."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REQUESTS, TEMPLATES, tiny_model
+
+sae_lens = pytest.importorskip("sae_lens")
+
+from easyedit_nmke.models.microedit import (  # noqa: E402
+    MicroEditHyperParams,
+    apply_microedit_to_model,
+    detach_microedit,
+    get_state,
+    prepare_state,
+    routing_report,
+)
+from easyedit_nmke.models.microedit.calibration import calibrate_threshold  # noqa: E402
+from easyedit_nmke.models.microedit.sae_hook import reconstruction_distance, sae_reconstruction  # noqa: E402
+from easyedit_nmke.util.requests import RequestError  # noqa: E402
+
+LAYER = 2
+
+
+def tiny_sae(d_in: int = 64, d_sae: int = 128, k: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    return sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu"))
+
+
+@pytest.fixture
+def sae_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "sae"
+    tiny_sae().save_model(str(directory))
+    return directory
+
+
+def hparams_for(arch: str, sae_dir: Path, **overrides) -> MicroEditHyperParams:
+    config = dict(
+        alg_name="MicroEdit",
+        model_name=f"tiny-{arch}",
+        layers=[LAYER],
+        layer_module_tmp=TEMPLATES[arch]["layer_module_tmp"],
+        sae_path=str(sae_dir),
+        ard_threshold=1e9,  # route everything unless a test says otherwise
+        ard_alpha=1.0,
+        edit_lr=5e-2,
+        stage1_steps=3,
+        stage2_steps=15,
+    )
+    config.update(overrides)
+    return MicroEditHyperParams.from_dict(config)
+
+
+def logits(model, tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+TEXTS = ["The capital city of Norway is Oslo", "A small bakery sells bread"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+def test_bypassed_sae_leaves_logits_identical(arch, tokenizer, sae_dir):
+    model = tiny_model(arch, len(tokenizer))
+    before = logits(model, tokenizer, TEXTS)
+    state = prepare_state(model, tokenizer, hparams_for(arch, sae_dir), progress=False)
+    with state.switch.mode_set("off"):
+        assert torch.equal(logits(model, tokenizer, TEXTS), before)
+    state.switch.threshold = 1e-30  # nothing is that close: every input passes unchanged
+    assert torch.equal(logits(model, tokenizer, TEXTS), before)
+    with state.switch.mode_set("always"):
+        assert not torch.allclose(logits(model, tokenizer, TEXTS), before)
+    detach_microedit(model)
+    assert "microedit_sae" not in dict(model.named_modules())
+    assert torch.equal(logits(model, tokenizer, TEXTS), before)
+
+
+def test_switch_routes_exactly_the_inputs_at_or_below_tau(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    state = prepare_state(model, tokenizer, hparams_for("llama", sae_dir), progress=False)
+    report = routing_report(model, tokenizer, {"a": [(TEXTS[0], " x")], "b": [(TEXTS[1], " y")]}, with_distances=True)
+    ard_a, ard_b = report["ard"]["a"][0], report["ard"]["b"][0]
+    assert ard_a != ard_b
+    low, high = sorted([ard_a, ard_b])
+    with state.switch.mode_set("off"):
+        plain = logits(model, tokenizer, TEXTS)
+    with state.switch.mode_set("always"):
+        routed = logits(model, tokenizer, TEXTS)
+    first_low = ard_a == low
+    state.switch.threshold = low  # at tau: routed; above: passes
+    mixed = logits(model, tokenizer, TEXTS)
+    routed_row, plain_row = (0, 1) if first_low else (1, 0)
+    n_routed = (tokenizer(TEXTS[routed_row])["input_ids"]).__len__()
+    n_plain = (tokenizer(TEXTS[plain_row])["input_ids"]).__len__()
+    assert torch.allclose(mixed[routed_row, :n_routed], routed[routed_row, :n_routed], atol=1e-5)
+    assert torch.allclose(mixed[plain_row, :n_plain], plain[plain_row, :n_plain], atol=1e-5)
+    state.switch.threshold = low * (1 - 1e-6)
+    assert torch.allclose(logits(model, tokenizer, TEXTS), plain, atol=1e-5)
+    state.switch.threshold = high
+    with state.switch.recording() as record:
+        logits(model, tokenizer, TEXTS)
+    assert record.routed == [True, True]
+
+
+def test_padding_does_not_change_an_inputs_distance(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    prepare_state(model, tokenizer, hparams_for("llama", sae_dir), progress=False)
+    alone = routing_report(model, tokenizer, {"x": [(TEXTS[1], " y")]}, with_distances=True)["ard"]["x"][0]
+    batched = routing_report(model, tokenizer, {"x": [(TEXTS[0] + " and more words", " z"), (TEXTS[1], " y")]},
+                             with_distances=True)["ard"]["x"][1]
+    assert batched == pytest.approx(alone, rel=1e-5)
+
+
+def test_massive_norm_positions_pass_through_unchanged(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    state = prepare_state(model, tokenizer, hparams_for("llama", sae_dir), progress=False)
+    hidden = torch.randn(1, 6, 64)
+    hidden[0, 0] *= 1000.0
+    with state.switch.mode_set("always"):
+        out = state.switch.route(hidden)
+    assert torch.equal(out[0, 0], hidden[0, 0])
+    assert not torch.equal(out[0, 1:], hidden[0, 1:])
+    assert torch.allclose(out[0, 1:], sae_reconstruction(state.sae, hidden)[0, 1:])
+
+
+def test_edit_trains_only_the_active_decoder_rows_and_teaches_the_target(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    w_before = state.sae.W_dec.detach().clone()
+    others = {name: p.detach().clone() for name, p in model.named_parameters() if "microedit_sae" not in name}
+    request = REQUESTS[0]
+    pair = [(request["prompt"], " " + request["target_new"])]
+
+    def target_logprob():
+        from easyedit_nmke.evaluate.metrics import target_perplexity
+
+        return -torch.tensor(target_perplexity(model, tokenizer, pair)).log()
+
+    before = target_logprob()
+    apply_microedit_to_model(model, tokenizer, [request], hparams)
+    after = target_logprob()
+    assert after > before + 0.5
+    changed = (state.sae.W_dec != w_before).any(-1)
+    active = torch.zeros_like(changed)
+    active[state.edited_latents()] = True
+    assert changed.any()
+    assert not (changed & ~active).any()  # rows outside the active set: bitwise unchanged
+    assert torch.equal(state.sae.W_dec[~active], w_before[~active])
+    for name, p in model.named_parameters():
+        if name in others:
+            assert torch.equal(p, others[name]), name
+    info = state.last_edit_info
+    assert info["ard_after"] < info["ard_before"]
+    assert state.num_edits == 1
+
+
+def test_sequential_edits_accumulate_and_weights_copy_restores_exactly(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir)
+    _, copy0 = apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams, return_orig_weights=True,
+                                        keep_original_weight=True)
+    state = get_state(model)
+    after_first = state.sae.W_dec.detach().clone()
+    _, copy1 = apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams, return_orig_weights=True,
+                                        keep_original_weight=True)
+    assert torch.equal(copy1["microedit_sae.W_dec"], after_first)  # the second edit built on the first
+    from easyedit_nmke.util import nethook
+
+    with torch.no_grad():
+        nethook.get_parameter(model, "microedit_sae.W_dec")[...] = copy0["microedit_sae.W_dec"]
+    state.reset()
+    assert torch.equal(state.sae.W_dec, copy0["microedit_sae.W_dec"])
+
+
+def test_reset_save_and_load_round_trip(tokenizer, sae_dir, tmp_path):
+    hparams = hparams_for("llama", sae_dir)
+    model = tiny_model("llama", len(tokenizer))
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    original = state.sae.W_dec.detach().clone()
+    apply_microedit_to_model(model, tokenizer, REQUESTS[:2], hparams)
+    edited_logits = logits(model, tokenizer, TEXTS)
+    state.save(tmp_path / "state")
+
+    fresh = tiny_model("llama", len(tokenizer))
+    fresh_state = prepare_state(fresh, tokenizer, hparams, progress=False)
+    fresh_state.load(tmp_path / "state")
+    assert fresh_state.num_edits == 2
+    assert torch.equal(fresh_state.sae.W_dec, state.sae.W_dec)
+    assert torch.allclose(logits(fresh, tokenizer, TEXTS), edited_logits)
+    fresh_state.reset()
+    assert torch.equal(fresh_state.sae.W_dec, original)
+    assert fresh_state.num_edits == 0
+
+
+def test_two_models_do_not_share_state(tokenizer, sae_dir):
+    hparams = hparams_for("llama", sae_dir)
+    a, b = tiny_model("llama", len(tokenizer)), tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(a, tokenizer, [REQUESTS[0]], hparams)
+    prepare_state(b, tokenizer, hparams, progress=False)
+    assert get_state(a) is not get_state(b)
+    assert not torch.equal(get_state(a).sae.W_dec, get_state(b).sae.W_dec)
+
+
+def test_copy_edits_a_copy_and_leaves_the_original(tokenizer, sae_dir):
+    hparams = hparams_for("llama", sae_dir)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    w = get_state(model).sae.W_dec.detach().clone()
+    before = logits(model, tokenizer, TEXTS)
+    copied, _ = apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams, copy=True)
+    assert copied is not model
+    assert torch.equal(get_state(model).sae.W_dec, w)
+    assert torch.equal(logits(model, tokenizer, TEXTS), before)
+    assert get_state(copied).num_edits == 2
+
+
+def test_bad_inputs_leave_the_model_unchanged(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    names = {n for n, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer 7 is out of range: LlamaForCausalLM has 4 layers \(0..3\)"):
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams_for("llama", sae_dir, layers=[7]))
+    with pytest.raises(RequestError, match="empty target_new"):
+        apply_microedit_to_model(model, tokenizer, [dict(REQUESTS[0], target_new=" ")], hparams_for("llama", sae_dir))
+    with pytest.raises(RequestError, match="does not occur in prompt"):
+        apply_microedit_to_model(model, tokenizer, [dict(REQUESTS[0], subject="Sweden")], hparams_for("llama", sae_dir))
+    assert get_state(model) is None
+    assert {n for n, _ in model.named_parameters()} == names
+
+
+def test_threshold_calibration_is_the_mean_distance_on_ordinary_text(tokenizer, sae_dir, corpus_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("EASYEDIT_NMKE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir, ard_threshold=None, calibration_dataset=str(corpus_file),
+                          calibration_samples=12, calibration_max_length=16)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    from easyedit_nmke.models.microedit.calibration import input_ard
+    from easyedit_nmke.util.corpus import corpus_windows
+    from easyedit_nmke.util.requests import pad_id
+
+    windows = corpus_windows([corpus_file.read_text()], tokenizer, 16, 12)
+    values = input_ard(model, state.switch, state.layer_name, windows, pad_id(tokenizer), batch_size=5)
+    assert state.threshold == pytest.approx(sum(values) / len(values), rel=1e-5)
+    assert calibrate_threshold(model, tokenizer, state.switch, hparams, progress=False) == state.threshold  # cached
+    assert any((tmp_path / "cache" / "microedit_calibration").glob("*.json"))
+
+
+def test_reconstruction_distance_formula():
+    hidden = torch.zeros(1, 3, 4)
+    recon = torch.ones(1, 3, 4)
+    ordinary = torch.tensor([[True, True, False]])
+    assert reconstruction_distance(hidden, recon, ordinary, alpha=2.0).item() == pytest.approx((4 + 4) / (2.0 * 2))
+    none = reconstruction_distance(hidden, recon, torch.zeros(1, 3, dtype=torch.bool), alpha=2.0)
+    assert none.item() == float("inf")
+
+
+def test_lifelong_run_reports_routing_plots_distances_and_resumes(tokenizer, sae_dir, tmp_path, monkeypatch):
+    from easyedit_nmke.evaluate.ard_plot import plot_ard_distributions
+    from easyedit_nmke.evaluate.records import load_records
+    from easyedit_nmke.evaluate.runner import RunConfig, results_table, run_lifelong
+    from easyedit_nmke.methods import method_spec
+    import easyedit_nmke.models.microedit as microedit_module
+
+    spec = method_spec("MicroEdit")
+    hparams = hparams_for("llama", sae_dir, stage2_steps=4)
+    records = load_records([], limit=3)
+    config = RunConfig(eval_at=[2, 3], progress=False, record_distances=True)
+    straight = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config).to_dict()
+    for row in straight["runs"]:
+        assert row["routing"]["routed_edit"] == 1.0  # tau 1e9: everything routed
+        assert len(row["routing"]["ard"]["edit"]) == row["T"]
+    assert len(straight["routing_before"]["ard"]["edit"]) == 3
+    assert "routed edit" in results_table(straight)
+    png = plot_ard_distributions(straight, tmp_path / "ard.png")
+    assert png.stat().st_size > 1000
+
+    real_apply = microedit_module.apply_microedit_to_model
+    calls = {"n": 0}
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(microedit_module, "apply_microedit_to_model", dying_apply)
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config, work_dir=work)
+    monkeypatch.setattr(microedit_module, "apply_microedit_to_model", real_apply)
+    resumed_model = tiny_model("llama", len(tokenizer))
+    resumed = run_lifelong(resumed_model, tokenizer, hparams, spec, records, config, work_dir=work).to_dict()
+    for key in ("rel", "gen", "loc"):
+        assert resumed["runs"][-1][key] == pytest.approx(straight["runs"][-1][key], abs=1e-6)
+    assert get_state(resumed_model).num_edits == 3
+    assert resumed["routing_before"] == straight["routing_before"]
