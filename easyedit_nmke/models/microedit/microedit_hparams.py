@@ -52,6 +52,9 @@ class MicroEditHyperParams(PluginHyperParams):
     sae_train_context_length: int = 128
     sae_train_lr: float = 4e-4
     sae_train_batch_tokens: int = 4096
+    # Passes over the training activations: on a CPU the model's forward passes cost
+    # most of the time, so reusing the activations is the cheap way to more steps.
+    sae_train_epochs: int = 1
     sae_train_seed: int = 0
 
     # --- editing ---------------------------------------------------------------
@@ -107,6 +110,10 @@ class MicroEditHyperParams(PluginHyperParams):
             raise HParamsError(
                 f"sae_train_k must be in [1, sae_train_d_sae]; got k={self.sae_train_k}, d_sae={self.sae_train_d_sae}"
             )
+        if self.sae_train_epochs < 1 or self.sae_train_tokens < 1 or self.sae_train_heldout_tokens < 1:
+            raise HParamsError("sae_train_epochs, sae_train_tokens and sae_train_heldout_tokens must be >= 1")
+        if self.sae_train_batch_tokens < 1 or self.sae_train_lr <= 0:
+            raise HParamsError("sae_train_batch_tokens must be >= 1 and sae_train_lr > 0")
         if self.sae_k is not None and self.sae_k < 1:
             raise HParamsError(f"sae_k must be >= 1, got {self.sae_k}")
         if self.edit_lr <= 0 or self.stage1_steps < 0 or self.stage2_steps < 1:
