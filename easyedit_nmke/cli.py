@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--ard-plot", type=Path, default=None, help="MicroEdit: record every ARD and plot the distributions (PNG)"
     )
+    bench = sub.add_parser(
+        "bench", help="lifelong benchmark: methods x datasets x checkpoints T, per-cell JSONs, table and plots"
+    )
+    from .evaluate.bench import add_bench_arguments  # argparse only; no torch import
+
+    add_bench_arguments(bench)
     return parser
 
 
@@ -125,10 +131,20 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
     return data
 
 
+def run_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``easyedit-nmke bench``: see :mod:`easyedit_nmke.evaluate.bench`."""
+    from .evaluate.bench import run_from_args
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    return run_from_args(args, command="easyedit-nmke " + " ".join(words))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "edit":
         run_edit(args)
+    elif args.command == "bench":
+        run_bench(args, argv)
     return 0
 
 
