@@ -292,3 +292,140 @@ def test_restored_weights_roll_back_lifelong_statistics(llama, tokenizer, corpus
     # Sequential editing (nothing restored) keeps every edit.
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
     assert state.num_edits == 2
+
+
+# --------------------------------------------------------------------------- fast path (issue 4, speed)
+
+
+def _decoder(arch, vocab_size):
+    """A tiny model of ``arch`` and its (block template, final norm) names; Gemma-3 beside the fixtures."""
+    if arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=6, final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        )
+        return Gemma3ForCausalLM(config).eval(), "model.layers.{}", "model.norm"
+    from conftest import TEMPLATES
+
+    return tiny_model(arch, vocab_size), TEMPLATES[arch]["layer_module_tmp"], TEMPLATES[arch]["ln_f_module"]
+
+
+FAST_ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gemma3"]
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_truncated_forward_matches_full_model(arch):
+    """Blocks above one block, run on each row's positions from a start on, give the full model's logits."""
+    from easyedit_nmke.util.model_parts import SuffixReplay, forward_with_states, logits_at
+
+    model, block_tmp, norm = _decoder(arch, 300)
+    blocks = [block_tmp.format(i) for i in range(4)]
+    lengths = torch.tensor([12, 9, 15, 4])
+    width = int(lengths.max())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 300, (4, width), generator=gen)
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    ids[mask == 0] = 0
+    # Starts past the sliding window (6), at 0, and at a row's last token.
+    starts = torch.tensor([5, 0, 11, 3])
+    rows, cols = torch.tensor([0, 0, 1, 2, 2, 3]), torch.tensor([5, 11, 8, 11, 14, 3])
+    with torch.no_grad():
+        expected = logits_at(model, ids, mask, rows, cols)
+        _, states = forward_with_states(model, ids, mask)
+        for first in (1, 2, 3, 4):
+            replay = SuffixReplay.build(model, ids, mask, starts, states, blocks, first, norm)
+            got = replay.logits(replay.hidden, rows, cols - starts[rows])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    # Gradients through the replay equal those through the full model (a delta at each row's start).
+    first = 2
+    replay = SuffixReplay.build(model, ids, mask, starts, states, blocks, first, norm)
+    target = torch.randn(len(rows), 300, generator=gen).softmax(-1)
+
+    def loss_of(logits):
+        return -(target * torch.log_softmax(logits, -1)).sum()
+
+    delta = torch.zeros(64, requires_grad=True)
+    hidden = replay.hidden
+    shifted = torch.cat([hidden[:, :1] + delta, hidden[:, 1:]], dim=1)
+    loss_of(replay.logits(shifted, rows, cols - starts[rows])).backward()
+    fast_grad = delta.grad.clone()
+
+    delta.grad = None
+    index = starts.view(-1, 1, 1).expand(-1, 1, 64)
+    with nethook.edit_output(model, blocks[first - 1], lambda h: h.scatter_add(1, index, delta.view(1, 1, -1).expand(4, 1, -1))):
+        loss_of(logits_at(model, ids, mask, rows, cols)).backward()
+    torch.testing.assert_close(fast_grad, delta.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2"])
+def test_fast_path_edits_like_the_reference(arch, tokenizer, corpus_file, tmp_path):
+    """fast_path changes nothing but float rounding: same z steps, masks, weights and lifelong statistics."""
+    hp = tiny_hparams(arch, corpus_file, tmp_path)
+    reference = tiny_model(arch, len(tokenizer))
+    fast = copy.deepcopy(reference)
+    for request in REQUESTS[:2]:
+        apply_nmke_to_model(reference, tokenizer, [request], hp.replace(fast_path=False))
+        apply_nmke_to_model(fast, tokenizer, [request], hp)
+        assert get_state(fast).last_edit_info["z_steps"] == get_state(reference).last_edit_info["z_steps"]
+        assert get_state(fast).last_edit_info["kept_fraction"] == get_state(reference).last_edit_info["kept_fraction"]
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer) + ".weight"
+        torch.testing.assert_close(
+            nethook.get_parameter(fast, name), nethook.get_parameter(reference, name), rtol=1e-4, atol=1e-6
+        )
+        torch.testing.assert_close(
+            get_state(fast).key_cache[layer], get_state(reference).key_cache[layer], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_fast_z_reads_keys_and_attribution_inputs_of_the_reference(llama, tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.models.nmke.compute_ks import (
+        collect_attribution_inputs,
+        compute_ks,
+        keys_and_output,
+        layer_output_at_subject,
+    )
+    from easyedit_nmke.models.nmke.compute_z import compute_z
+    from easyedit_nmke.util.requests import normalise_request
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    templates = prepare_state(llama, tokenizer, hp).context_templates
+    request = normalise_request(REQUESTS[1])
+    tv = compute_z(llama, tokenizer, request, hp, hp.layers[-1], templates, key_layers=hp.layers, attribution=True)
+    assert tv.fast
+    ref = collect_attribution_inputs(llama, tokenizer, request, hp, templates)
+    for layer in hp.layers:
+        torch.testing.assert_close(tv.attribution.hidden[layer], ref.hidden[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tv.attribution.activations[layer], ref.activations[layer], rtol=1e-5, atol=1e-5)
+    assert torch.equal(tv.attribution.token_ids, ref.token_ids)
+    keys = compute_ks(llama, tokenizer, request, hp, hp.layers, templates)
+    for layer in hp.layers:
+        torch.testing.assert_close(tv.keys[layer], keys[layer], rtol=1e-5, atol=1e-5)
+    output = layer_output_at_subject(llama, tokenizer, request, hp, hp.layers[-1])
+    torch.testing.assert_close(tv.initial.float(), output, rtol=1e-5, atol=1e-5)
+    # The cut forward behind the later keys: same keys and block output.
+    cut_keys, cut_output = keys_and_output(llama, tokenizer, request, hp, hp.layers, hp.layers[-1], templates)
+    for layer in hp.layers:
+        torch.testing.assert_close(cut_keys[layer], keys[layer], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut_output, output, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_z_falls_back_when_the_truncated_forward_disagrees(llama, tokenizer, corpus_file, tmp_path, monkeypatch):
+    from easyedit_nmke.models.nmke import compute_z as compute_z_module
+    from easyedit_nmke.util.requests import normalise_request
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    templates = prepare_state(llama, tokenizer, hp).context_templates
+    request = normalise_request(REQUESTS[0])
+    expected = compute_z_module.compute_z(llama, tokenizer, request, hp.replace(fast_path=False), 2, templates)
+    original = compute_z_module._FastForward.logits
+    monkeypatch.setattr(compute_z_module._FastForward, "logits", lambda self, delta: original(self, delta) + 1.0)
+    with pytest.warns(UserWarning, match="truncated forward"):
+        got = compute_z_module.compute_z(llama, tokenizer, request, hp, 2, templates, key_layers=[1], attribution=True)
+    assert not got.fast and got.attribution is None and not got.keys
+    assert torch.equal(got.z, expected.z)

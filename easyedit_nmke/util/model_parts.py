@@ -7,12 +7,12 @@ the down projection as a ``[d, d_ff]`` matrix so the algorithm has one orientati
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .nethook import get_module
+from .nethook import capture, get_module, hidden_of, record_calls
 
 
 class ArchitectureError(ValueError):
@@ -117,6 +117,197 @@ def logits_at(
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     logits = model.get_output_embeddings()(hidden[rows, cols])
+    cap = final_logit_softcap(model)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# --------------------------------------------------------------------------- truncated forward
+#
+# In the z optimisation only the output of one block at one position per row changes
+# between steps.  Everything below that block, and every position before the changed
+# one, is fixed (causal attention), so a step need only run the blocks above it on each
+# row's positions from the changed one on, attending to the fixed keys/values of the
+# earlier positions.  The blocks are called with the very arguments (attention mask,
+# position embeddings, cache object) the model's own forward built for such a cached
+# continuation, recorded once with forward pre-hooks, so no architecture is special-cased.
+
+
+class _RecordedUpdates:
+    """Wraps ``cache.update`` to record, per layer index, the key/value states attention used."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.states: Dict[int, Tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def __enter__(self) -> "_RecordedUpdates":
+        original = type(self.cache).update.__get__(self.cache)
+
+        def update(key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = original(key_states, value_states, layer_idx, *args, **kwargs)
+            self.states[layer_idx] = (keys, values, key_states.shape[-2])
+            return keys, values
+
+        self.cache.update = update  # instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.cache.update
+
+
+class _FixedPast:
+    """Stands in for a transformers ``Cache`` in replayed block calls.
+
+    ``update`` returns the layer's fixed past states followed by the new ones and
+    stores nothing, so one object serves every replay and no autograd graph outlives
+    its step.
+    """
+
+    def __init__(self, past: Dict[int, Tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.past[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def forward_with_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> Tuple[torch.Tensor, Dict[int, Tuple[torch.Tensor, torch.Tensor]]]:
+    """Plain base-model forward that also returns every attention layer's key/value states.
+
+    Returns ``(last_hidden_state, {layer_idx: (keys, values)})``; the states are
+    ``[batch, ..., seq, head_dim]`` as the model's cache holds them.
+    """
+    cache = new_cache(model)
+    with _RecordedUpdates(cache) as rec:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state, {i: (k, v) for i, (k, v, _) in rec.states.items()}
+
+
+def _left_aligned_prefix(states: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row r, positions ``[0, starts[r])`` of ``states`` (seq on dim -2), right-aligned in ``width`` slots.
+
+    Slots before a row's prefix are zero (finite) and masked out by the attention mask.
+    """
+    batch = states.shape[0]
+    index = torch.arange(width, device=states.device).view(1, -1) - (width - starts.view(-1, 1))  # [B, width]
+    valid = index >= 0
+    shape = [batch] + [1] * (states.dim() - 3) + [width, 1]
+    gathered = states.gather(-2, index.clamp_min(0).view(shape).expand(*states.shape[:-2], width, states.shape[-1]))
+    return gathered * valid.view(shape).to(gathered.dtype)
+
+
+class SuffixReplay:
+    """Blocks ``first..`` of a decoder, replayed on each row's positions from ``starts[r]`` on.
+
+    ``build`` runs the model once on the suffix positions with a cache holding the
+    (fixed) states of the earlier positions, recording for every replayed block the
+    arguments the model passed it and the past key/value states its attention used.
+    ``hidden`` is then the output of block ``first - 1`` at the suffix positions and
+    ``logits(h, rows, cols)`` runs blocks ``first..`` from a (possibly modified) ``h``
+    and reads next-token logits at suffix positions ``(rows, cols)`` — the same
+    numbers as the full model's at ``(rows, starts[rows] + cols)`` up to float rounding.
+    """
+
+    def __init__(self, model, blocks, calls, past, norm, hidden, last_hidden, starts, lengths):
+        self.model = model
+        self.blocks = blocks
+        self.calls = calls
+        self.past = past
+        self.norm = norm
+        self.hidden = hidden  # [B, Ls, d]
+        self.last_hidden = last_hidden  # [B, Ls, d] the model's own final (normed) hidden states
+        self.starts = starts
+        self.lengths = lengths  # [B] suffix lengths
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        starts: torch.Tensor,
+        states: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+        block_names: Sequence[str],
+        first: int,
+        norm_name: str,
+    ) -> "SuffixReplay":
+        """``input_ids``/``attention_mask``: the right-padded batch ``states`` came from
+        (``forward_with_states``); ``block_names``: every decoder block in order; ``first``:
+        index of the first block to replay (≥ 1); ``starts[r]`` < row r's length."""
+        device = input_ids.device
+        lengths = attention_mask.sum(1).to(device)
+        starts = starts.to(device)
+        if not (starts < lengths).all() or (starts < 0).any():
+            raise ValueError("each start must lie inside its row")
+        width = int(starts.max())
+        suffix_lengths = lengths - starts
+        suffix_width = int(suffix_lengths.max())
+        j = torch.arange(suffix_width, device=device).view(1, -1)
+        positions = (starts.view(-1, 1) + j).clamp_max(input_ids.shape[1] - 1)
+        suffix_ids = input_ids.gather(1, positions)
+        suffix_mask = (j < suffix_lengths.view(-1, 1)).to(attention_mask.dtype)
+        prefix_mask = (torch.arange(width, device=device).view(1, -1) >= (width - starts).view(-1, 1)).to(attention_mask.dtype)
+        cache = new_cache(model)
+        for layer_idx in sorted(states):
+            keys, values = states[layer_idx]
+            cache.update(_left_aligned_prefix(keys, starts, width), _left_aligned_prefix(values, starts, width), layer_idx)
+        replayed = list(block_names[first:])
+        with torch.no_grad(), record_calls(model, replayed) as calls, capture(
+            model, [block_names[first - 1]]
+        ) as outputs, _RecordedUpdates(cache) as rec:
+            out = model.base_model(
+                input_ids=suffix_ids,
+                attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        past = {i: (k[..., : k.shape[-2] - n, :], v[..., : v.shape[-2] - n, :]) for i, (k, v, n) in rec.states.items()}
+        missing = [name for name in replayed if name not in calls]
+        if missing:
+            raise ArchitectureError(f"blocks {missing} were not called by {type(model).__name__}'s forward")
+        return cls(
+            model=model,
+            blocks=[get_module(model, name) for name in replayed],
+            calls=[calls[name] for name in replayed],
+            past=_FixedPast(past),
+            norm=get_module(model, norm_name),
+            hidden=outputs[block_names[first - 1]],
+            last_hidden=out.last_hidden_state,
+            starts=starts,
+            lengths=suffix_lengths,
+        )
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output of the last replayed block for ``hidden`` [B, Ls, d] entering block ``first``."""
+        from transformers.cache_utils import Cache
+
+        for block, (args, kwargs) in zip(self.blocks, self.calls):
+            kwargs = {k: (self.past if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+            if args:
+                args = (hidden,) + tuple(self.past if isinstance(a, Cache) else a for a in args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            hidden = hidden_of(block(*args, **kwargs))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at suffix positions ``(rows[j], cols[j])`` after replaying from ``hidden``."""
+        return head_logits(self.model, self.norm(self.run(hidden)[rows, cols]))
+
+
+def head_logits(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """Unembedding (and Gemma's final soft-cap) of final-normed hidden states."""
+    logits = model.get_output_embeddings()(normed)
     cap = final_logit_softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -95,3 +95,25 @@ def edit_output(
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def record_calls(model: nn.Module, names: List[str]) -> Iterator[Dict[str, tuple]]:
+    """Record ``(args, kwargs)`` of the (last) call of each named module, as the module received them.
+
+    Lets a caller replay a block later with the attention mask, position embeddings
+    and cache arguments the model itself built for it, whatever the architecture.
+    """
+    record: Dict[str, tuple] = {}
+    handles = []
+    for name in names:
+
+        def hook(mod, args, kwargs, _name=name):
+            record[_name] = (tuple(args), dict(kwargs))
+
+        handles.append(get_module(model, name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()

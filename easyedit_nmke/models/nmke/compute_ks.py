@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -107,3 +107,46 @@ def collect_attribution_inputs(
     else:
         token_ids = logits.argmax(-1)
     return AttributionInputs(hidden=hidden, activations=activations, token_ids=token_ids)
+
+
+def keys_and_output(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: NMKEHyperParams,
+    key_layers: Sequence[int],
+    output_layer: Optional[int],
+    context_templates: List[str],
+) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
+    """``compute_ks(key_layers)`` and ``layer_output_at_subject(output_layer)`` from one forward.
+
+    Both read the subject's last token, which depends only on the tokens up to it
+    (causal attention): each prompt is cut right after the subject, the bare prompt's
+    row (template ``"{}"``) gives the block output, and the forward stops after the
+    highest block needed.  The same numbers as the two functions, up to float rounding.
+    """
+    device = next(model.parameters()).device
+    texts = [t.format(request.prompt) for t in context_templates]
+    n_keys = len(texts)
+    bare = context_templates.index("{}") if "{}" in context_templates else None
+    if output_layer is not None and bare is None:
+        texts.append(request.prompt)
+        bare = n_keys
+    index = [subject_last_index(tok, t, request.subject) for t in texts]
+    ids, mask = pad_batch([encode(tok, t)[: i + 1] for t, i in zip(texts, index)], pad_id(tok))
+    last = (mask.sum(1) - 1).to(device)
+    key_names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in key_layers}
+    out_names = [] if output_layer is None else [hparams.layer_module_tmp.format(output_layer)]
+    top = max(list(key_layers) + ([] if output_layer is None else [output_layer]))
+    with torch.no_grad(), nethook.capture(model, list(key_names.values()), inputs=True) as keys, nethook.capture(
+        model, out_names
+    ) as outputs:
+        with nethook.stop_after(model, hparams.layer_module_tmp.format(top)):
+            try:
+                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except nethook.StopForward:
+                pass
+    rows = torch.arange(n_keys, device=device)
+    result = {layer: keys[name][rows, last[:n_keys]].float().mean(0) for layer, name in key_names.items()}
+    output = None if output_layer is None else outputs[out_names[0]][bare, last[bare]].float()
+    return result, output

@@ -7,8 +7,9 @@ unedited model and weight decay plus a norm clamp keep the delta small.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...util import nethook
-from ...util.model_parts import logits_at
+from ...util.model_parts import (
+    SuffixReplay,
+    forward_with_states,
+    head_logits,
+    logits_at,
+    mlp_residual_contribution_module,
+    num_layers,
+)
 from ...util.requests import EditRequest, encode, encode_target, pad_batch, pad_id, subject_last_index
+from .compute_ks import AttributionInputs
 from .nmke_hparams import NMKEHyperParams
 
 
@@ -28,6 +37,10 @@ class TargetVector:
     steps: int
     target_prob: float  # mean per-token target probability reached
     prob_history: List[float]  # target_prob at each step, for diagnostics
+    # Read off the first (unchanged-model) forward by the fast path, for the later phases:
+    keys: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_ff] key (compute_ks)
+    attribution: Optional[AttributionInputs] = None  # collect_attribution_inputs' result
+    fast: bool = False  # computed by the truncated forward
 
 
 @dataclass
@@ -39,17 +52,19 @@ class RewriteBatch:
     target_cols: torch.Tensor
     target_ids: torch.Tensor
     n_rewrite: int  # rows before the KL rows
+    prompt_last: torch.Tensor  # [n_rewrite] position of each rewrite row's last prompt token
 
 
 def build_rewrite_batch(
     tok: PreTrainedTokenizerBase, request: EditRequest, context_templates: List[str]
 ) -> RewriteBatch:
     target_ids = encode_target(tok, request.target)
-    sequences, lookups, rows, cols, tgt = [], [], [], [], []
+    sequences, lookups, rows, cols, tgt, prompt_last = [], [], [], [], [], []
     for row, template in enumerate(context_templates):
         text = template.format(request.prompt)
         prompt_ids = encode(tok, text)
         sequences.append(prompt_ids + target_ids[:-1])
+        prompt_last.append(len(prompt_ids) - 1)
         lookups.append(subject_last_index(tok, text, request.subject))
         for j, token in enumerate(target_ids):
             rows.append(row)
@@ -67,7 +82,12 @@ def build_rewrite_batch(
         target_cols=torch.tensor(cols),
         target_ids=torch.tensor(tgt),
         n_rewrite=len(context_templates),
+        prompt_last=torch.tensor(prompt_last),
     )
+
+
+class ReplayMismatch(RuntimeError):
+    """The truncated forward did not reproduce the model's logits (unsupported architecture)."""
 
 
 def compute_z(
@@ -77,6 +97,109 @@ def compute_z(
     hparams: NMKEHyperParams,
     layer: int,
     context_templates: List[str],
+    key_layers: Sequence[int] = (),
+    attribution: bool = False,
+) -> TargetVector:
+    """Optimise the target vector at block ``layer``.
+
+    With ``hparams.fast_path`` each step runs only the blocks above ``layer`` on the
+    positions from each row's subject token on (``SuffixReplay``); the first, full
+    forward also yields the unedited keys at ``key_layers`` and, with ``attribution``,
+    the attribution inputs, which the caller would otherwise compute with forwards of
+    their own.  Should the truncated forward not reproduce the full model's logits at
+    the first step (an architecture it does not fit), the reference path runs instead.
+    """
+    if hparams.fast_path:
+        try:
+            return _optimise(model, tok, request, hparams, layer, context_templates, key_layers, attribution, True)
+        except ReplayMismatch as exc:
+            warnings.warn(f"{exc}; using the full forward for the z optimisation")
+    return _optimise(model, tok, request, hparams, layer, context_templates, (), False, False)
+
+
+class _FastForward:
+    """One full forward of the rewrite batch, then the truncated forward for each step."""
+
+    def __init__(self, model, hparams, batch, layer, rows, cols, key_layers, attribution):
+        device = batch.input_ids.device
+        n_layers = num_layers(model)
+        block_names = [hparams.layer_module_tmp.format(i) for i in range(n_layers)]
+        edit_block = block_names[layer]
+        out_names = {edit_block}
+        in_names = {hparams.rewrite_module_tmp.format(l) for l in key_layers}
+        if attribution:
+            for l in hparams.layers:
+                out_names.add(block_names[l])
+                out_names.add(
+                    mlp_residual_contribution_module(model, block_names[l], hparams.mlp_module_tmp.format(l))
+                )
+                in_names.add(hparams.rewrite_module_tmp.format(l))
+        lookup = batch.lookup.to(device)
+        with torch.no_grad():
+            with nethook.capture(model, sorted(out_names)) as outputs, nethook.capture(
+                model, sorted(in_names), inputs=True
+            ) as inputs:
+                last_hidden, states = forward_with_states(model, batch.input_ids, batch.attention_mask)
+            self.full_logits = head_logits(model, last_hidden[rows, cols]).float()
+            self.initial = outputs[edit_block][0, lookup[0]].clone()
+            self.replay = SuffixReplay.build(
+                model,
+                batch.input_ids,
+                batch.attention_mask,
+                lookup,
+                states,
+                block_names,
+                layer + 1,
+                hparams.ln_f_module,
+            )
+        self.rows = rows
+        self.cols = cols - lookup[rows]
+        context_rows = torch.arange(batch.n_rewrite, device=device)
+        self.keys = {
+            l: inputs[hparams.rewrite_module_tmp.format(l)][context_rows, lookup[: batch.n_rewrite]].float().mean(0)
+            for l in key_layers
+        }
+        self.attribution = None
+        if attribution:
+            last = batch.prompt_last.to(device)
+            hidden, activations = {}, {}
+            for l in hparams.layers:
+                mlp = mlp_residual_contribution_module(model, block_names[l], hparams.mlp_module_tmp.format(l))
+                hidden[l] = (outputs[block_names[l]][context_rows, last] - outputs[mlp][context_rows, last]).float()
+                activations[l] = inputs[hparams.rewrite_module_tmp.format(l)][context_rows, last].float()
+            if hparams.attribution_token == "target":
+                token_ids = batch.target_ids[:1].to(device).expand(batch.n_rewrite).clone()
+            else:
+                # The first target position of a row is its last prompt token.
+                first = torch.stack([((rows == r) & (cols == last[r])).nonzero()[0, 0] for r in range(batch.n_rewrite)])
+                token_ids = self.full_logits[first].argmax(-1)
+            self.attribution = AttributionInputs(hidden=hidden, activations=activations, token_ids=token_ids)
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        hidden = self.replay.hidden
+        # Every row's subject token is suffix position 0.
+        shifted = torch.cat([hidden[:, :1] + delta.to(hidden.dtype).view(1, 1, -1), hidden[:, 1:]], dim=1)
+        return self.replay.logits(shifted, self.rows, self.cols)
+
+    def check(self, logits: torch.Tensor) -> None:
+        """The step-1 logits (zero delta) must be the full forward's up to rounding."""
+        scale = float(self.full_logits.abs().max()) + 1.0
+        error = float((logits.detach() - self.full_logits).abs().max())
+        tolerance = (1e-3 if self.replay.hidden.dtype in (torch.float32, torch.float64) else 3e-2) * scale
+        if not error <= tolerance:
+            raise ReplayMismatch(f"truncated forward differs from the full model by {error:.3g} (> {tolerance:.3g})")
+
+
+def _optimise(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: NMKEHyperParams,
+    layer: int,
+    context_templates: List[str],
+    key_layers: Sequence[int],
+    attribution: bool,
+    fast: bool,
 ) -> TargetVector:
     device = next(model.parameters()).device
     batch = build_rewrite_batch(tok, request, context_templates)
@@ -113,11 +236,21 @@ def compute_z(
     target_prob = 0.0
     history: List[float] = []
     steps = 0
+    fast_forward = None
     try:
+        if fast:
+            batch.input_ids, batch.attention_mask = ids, mask
+            fast_forward = _FastForward(model, hparams, batch, layer, rows, cols, key_layers, attribution)
+            state["initial"] = fast_forward.initial
         for steps in range(1, hparams.v_num_grad_steps + 1):
             optimizer.zero_grad()
-            with nethook.edit_output(model, layer_name, add_delta):
-                logits = logits_at(model, ids, mask, rows, cols).float()
+            if fast_forward is not None:
+                logits = fast_forward.logits(delta).float()
+                if steps == 1:
+                    fast_forward.check(logits)
+            else:
+                with nethook.edit_output(model, layer_name, add_delta):
+                    logits = logits_at(model, ids, mask, rows, cols).float()
             log_probs = torch.log_softmax(logits, dim=-1)
             target_logp = log_probs[:n_target].gather(1, target_ids.view(-1, 1)).squeeze(1)
             per_row = torch.zeros(batch.n_rewrite, device=device).index_add(
@@ -147,4 +280,11 @@ def compute_z(
             p.requires_grad_(flag)
         model.train(was_training)
     initial = state["initial"]
-    return TargetVector(z=initial + delta.detach(), initial=initial, steps=steps, target_prob=target_prob, prob_history=history)
+    result = TargetVector(
+        z=initial + delta.detach(), initial=initial, steps=steps, target_prob=target_prob, prob_history=history
+    )
+    if fast_forward is not None:
+        result.keys = fast_forward.keys
+        result.attribution = fast_forward.attribution
+        result.fast = True
+    return result

@@ -68,6 +68,12 @@ class NMKEHyperParams(PluginHyperParams):
     specific_ratio_b: float = 0.3
     fixed_ratio: float = 0.35  # mode 'fixed': both families keep this share
 
+    # --- speed (no effect on the result beyond float rounding) -------------------
+    # Exact shortcuts: the z optimisation runs only the blocks above the last edit
+    # layer, and the forwards below it are shared between z, keys and attribution.
+    # False runs the reference path (a full forward per step and per phase).
+    fast_path: bool = True
+
     # --- EasyEdit bookkeeping ------------------------------------------------
     batch_size: int = 1
     max_length: int = 40

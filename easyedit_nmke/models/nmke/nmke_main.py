@@ -32,7 +32,7 @@ from ...util.model_parts import (
 )
 from ...util.requests import EditRequest, normalise_requests
 from .attribution import ReadoutNorm, neuron_attribution_scores, readout_product
-from .compute_ks import collect_attribution_inputs, compute_ks, layer_output_at_subject
+from .compute_ks import AttributionInputs, collect_attribution_inputs, compute_ks, keys_and_output, layer_output_at_subject
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
@@ -140,11 +140,17 @@ def compute_neuron_masks(
     requests: List[EditRequest],
     hparams: NMKEHyperParams,
     state: NMKEState,
+    inputs: Optional[List[AttributionInputs]] = None,
 ) -> Dict[int, NeuronMask]:
-    """One mask per edit layer, from attribution scores pooled over the requests' prompts."""
+    """One mask per edit layer, from attribution scores pooled over the requests' prompts.
+
+    ``inputs``: the requests' attribution inputs when already read off another forward
+    (the fast path's z forward); otherwise they are computed here.
+    """
     if hparams.mask_mode == "none":
         return {}
-    inputs = [collect_attribution_inputs(model, tok, r, hparams, state.context_templates) for r in requests]
+    if inputs is None:
+        inputs = [collect_attribution_inputs(model, tok, r, hparams, state.context_templates) for r in requests]
     unembed, unembed_bias = unembedding(model)
     norm = _readout_norm(model, hparams)
     masks = {}
@@ -192,19 +198,34 @@ def execute_nmke(
     state.rollback_if_restored({layer: modules[layer].weight for layer in layers})
     originals = {layer: modules[layer].weight.detach().clone() for layer in layers}
     info: Dict[str, Any] = {"z_steps": [], "z_target_prob": [], "kept_fraction": {}}
+    # fast_path: z's first forward also yields the attribution inputs and the first
+    # layer's keys; later keys come from forwards cut after the subject token.
+    fast = hparams.fast_path
     try:
         start = time.perf_counter()
-        targets = []
+        vectors = []
         for request in requests:
-            tv = compute_z(model, tok, request, hparams, layers[-1], state.context_templates)
-            targets.append(tv.z)
+            tv = compute_z(
+                model,
+                tok,
+                request,
+                hparams,
+                layers[-1],
+                state.context_templates,
+                key_layers=layers[:1] if fast else (),
+                attribution=fast and hparams.mask_mode != "none",
+            )
+            vectors.append(tv)
             info["z_steps"].append(tv.steps)
             info["z_target_prob"].append(tv.target_prob)
-        zs = torch.stack(targets, dim=1)  # [d, n]
+        zs = torch.stack([tv.z for tv in vectors], dim=1)  # [d, n]
         state.add_time("z", time.perf_counter() - start)
 
         start = time.perf_counter()
-        masks = compute_neuron_masks(model, tok, requests, hparams, state)
+        shared = [tv.attribution for tv in vectors]
+        masks = compute_neuron_masks(
+            model, tok, requests, hparams, state, inputs=shared if all(x is not None for x in shared) else None
+        )
         state.add_time("attribution", time.perf_counter() - start)
 
         unembed, _ = unembedding(model)
@@ -212,13 +233,25 @@ def execute_nmke(
         with torch.no_grad():
             for i, layer in enumerate(layers):
                 start = time.perf_counter()
-                keys = torch.stack(
-                    [compute_ks(model, tok, r, hparams, [layer], state.context_templates)[layer] for r in requests],
-                    dim=1,
-                )  # [d_ff, n]
-                current = torch.stack(
-                    [layer_output_at_subject(model, tok, r, hparams, layers[-1]) for r in requests], dim=1
-                )
+                if fast and all(layer in tv.keys for tv in vectors):
+                    # Nothing edited yet in this call: z's forward already read them.
+                    keys = torch.stack([tv.keys[layer] for tv in vectors], dim=1)
+                    current = torch.stack([tv.initial.float() for tv in vectors], dim=1)
+                elif fast:
+                    pairs = [
+                        keys_and_output(model, tok, r, hparams, [layer], layers[-1], state.context_templates)
+                        for r in requests
+                    ]
+                    keys = torch.stack([k[layer] for k, _ in pairs], dim=1)
+                    current = torch.stack([out for _, out in pairs], dim=1)
+                else:
+                    keys = torch.stack(
+                        [compute_ks(model, tok, r, hparams, [layer], state.context_templates)[layer] for r in requests],
+                        dim=1,
+                    )  # [d_ff, n]
+                    current = torch.stack(
+                        [layer_output_at_subject(model, tok, r, hparams, layers[-1]) for r in requests], dim=1
+                    )
                 residual = (zs - current) / (len(layers) - i)  # [d, n]
                 state.add_time("keys", time.perf_counter() - start)
 
@@ -235,14 +268,22 @@ def execute_nmke(
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
                 entry = state.readout.get(layer)
                 if entry is not None and norm is not None:
-                    entry.matrix.add_(readout_product(unembed.detach(), residual, norm) @ coeffs.T)
+                    update = readout_product(unembed.detach(), residual, norm)  # [vocab, n]
+                    if fast:  # in place: no [vocab × d_ff] temporary
+                        entry.matrix.addmm_(update, coeffs.T)
+                    else:
+                        entry.matrix.add_(update @ coeffs.T)
                     entry.weight_version = weight._version
                 state.add_time("solve", time.perf_counter() - start)
 
         start = time.perf_counter()
         new_keys = {layer: [] for layer in layers}
         for r in requests:
-            for layer, k in compute_ks(model, tok, r, hparams, layers, state.context_templates).items():
+            if fast:
+                edited_keys = keys_and_output(model, tok, r, hparams, layers, None, state.context_templates)[0]
+            else:
+                edited_keys = compute_ks(model, tok, r, hparams, layers, state.context_templates)
+            for layer, k in edited_keys.items():
                 new_keys[layer].append(k)
         state.add_time("keys", time.perf_counter() - start)
     except Exception as exc:
