@@ -122,8 +122,17 @@ class _CpuTorch(types.ModuleType):
 
 @functools.lru_cache(maxsize=None)
 def _device_factory(device_cls):
-    def device(*args, **kwargs):
-        return device_cls(*(_fix(a) for a in args), **{k: _fix(v) for k, v in kwargs.items()})
+    """``torch.device`` that maps "cuda:cpu" to "cpu" and still works in ``isinstance``."""
+
+    class _DeviceMeta(type):
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, device_cls)
+
+        def __call__(cls, *args, **kwargs):
+            return device_cls(*(_fix(a) for a in args), **{k: _fix(v) for k, v in kwargs.items()})
+
+    class device(metaclass=_DeviceMeta):
+        pass
 
     return device
 
@@ -268,36 +277,59 @@ class BaselineSpec:
         self.hparams_cls = cls
         self.adapter_based = alg_name in ADAPTER_BASELINES
         self._param_names: Optional[List[str]] = None
+        # WISE trains its router against unrelated text ("loc_prompt", which upstream's
+        # BaseEditor adds from a training set's locality pairs); handed out in turn.
+        self.loc_prompts: List[str] = []
+        self._calls = 0
 
     # -- hparams ---------------------------------------------------------------
     def load_hparams(self, path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None):
         """The library's hparams class from a YAML in its format, plus overrides.
 
-        Keys the installed EasyEdit version does not know are dropped with a printed
-        note; required keys it has and the YAML lacks get ``_VERSION_DEFAULTS``.
+        The class's own ``from_hparams`` reads the YAML (WISE's turns ``act_margin`` into
+        alpha/beta/gamma).  When the YAML was written for the other EasyEdit version
+        (a key this one does not know, or lacks a required one), keys it does not know
+        are dropped with a printed note and missing ones get ``_VERSION_DEFAULTS``.
         """
+        overrides = dict(overrides or {})
         with open(path, "r") as f:
-            config = yaml.safe_load(f)
-        if not isinstance(config, dict) or config.get("alg_name") != self.alg_name:
+            raw = yaml.safe_load(f)
+        if not isinstance(raw, dict) or raw.get("alg_name") != self.alg_name:
             raise ValueError(f"{path}: expected alg_name: {self.alg_name}")
-        config.update(overrides or {})
-        config = self.hparams_cls.construct_float_from_scientific_notation(config)
-        fields = {f.name: f for f in dataclasses.fields(self.hparams_cls)}
-        dropped = sorted(set(config) - set(fields))
-        if dropped:
-            print(f"[bench] {self.alg_name}: the installed easyeditor has no {dropped}; dropped")
-        config = {k: v for k, v in config.items() if k in fields}
-        for key, value in _VERSION_DEFAULTS.get(self.alg_name, {}).items():
-            if key in fields and key not in config:
-                config[key] = value
-        hparams = self.hparams_cls(**config)
+        try:
+            hparams = self.hparams_cls.from_hparams(str(path))
+        except TypeError as exc:  # written for the other EasyEdit version
+            hparams = self._tolerant_hparams(raw, path, exc)
+        fields = {f.name for f in dataclasses.fields(self.hparams_cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"{self.alg_name} hparams have no {unknown}")
+        for key, value in overrides.items():
+            setattr(hparams, key, value)
         if self.alg_name == "WISE":
             # Upstream WISE builds a fresh adapter per call unless this is set by hand.
             hparams.sequential_edit = True
-        if hasattr(hparams, "stats_dir") and "stats_dir" not in (overrides or {}):
+        if hasattr(hparams, "stats_dir") and "stats_dir" not in overrides:
             hparams.stats_dir = str(_stats_root())
-        if self.alg_name == "AlphaEdit" and "P_loc" not in (overrides or {}):
+        if self.alg_name == "AlphaEdit" and "P_loc" not in overrides:
             hparams.P_loc = str(_stats_root() / "alphaedit_P" / f"{_safe(hparams.model_name)}.pt")
+        return hparams
+
+    def _tolerant_hparams(self, config: Dict[str, Any], path: Any, error: Exception):
+        config = self.hparams_cls.construct_float_from_scientific_notation(dict(config))
+        fields = {f.name for f in dataclasses.fields(self.hparams_cls)}
+        dropped = sorted(set(config) - fields)
+        config = {k: v for k, v in config.items() if k in fields}
+        added = {}
+        for key, value in _VERSION_DEFAULTS.get(self.alg_name, {}).items():
+            if key in fields and key not in config:
+                config[key] = added[key] = value
+        try:
+            hparams = self.hparams_cls(**config)
+        except TypeError:
+            raise error
+        print(f"[bench] {path}: written for another easyeditor version ({error}); "
+              f"dropped {dropped or 'nothing'}, added {added or 'nothing'}")
         return hparams
 
     # -- the MethodSpec interface ----------------------------------------------
@@ -329,8 +361,18 @@ class BaselineSpec:
             self._prepare_alphaedit(model, tok, hparams)
 
     def apply(self, model, tok, requests, hparams, copy=False, return_orig_weights=False, **kwargs):
-        device_ctx = cpu_device_strings() if _is_cpu(hparams) else contextlib.nullcontext()
-        tuples = tuple_block_outputs() if self.flavour == "pypi" else contextlib.nullcontext()
+        if self.alg_name == "WISE":
+            if not self.loc_prompts:
+                raise ValueError("WISE needs loc_prompts (unrelated text from a training set); set spec.loc_prompts")
+            requests = [
+                dict(r, loc_prompt=r.get("loc_prompt") or self.loc_prompts[(self._calls + i) % len(self.loc_prompts)])
+                for i, r in enumerate(requests)
+            ]
+        self._calls += len(requests)
+        # Upstream normalises devices itself; PyPI writes f"cuda:{hparams.device}".
+        pypi = self.flavour == "pypi"
+        device_ctx = cpu_device_strings() if pypi and _is_cpu(hparams) else contextlib.nullcontext()
+        tuples = tuple_block_outputs() if pypi else contextlib.nullcontext()
         output = io.StringIO()
         quiet = contextlib.redirect_stdout(output) if self.quiet else contextlib.nullcontext()
         try:
