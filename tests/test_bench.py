@@ -69,6 +69,17 @@ def setup(tmp_path_factory, tokenizer):
     ft.update(model_name=str(model_dir), layers=[1], num_steps=3)
     (hp_dir / "baselines" / "FT").mkdir(parents=True)
     (hp_dir / "baselines" / "FT" / "tiny.yaml").write_text(yaml.safe_dump(ft))
+    tiny = {
+        "AlphaEdit": dict(layers=[1, 2], v_loss_layer=3, v_num_grad_steps=3, mom2_n_samples=20,
+                          mom2_dataset=str(data / "wikitext-2" / "test.txt")),
+        "WISE": dict(inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=5),
+        "GRACE": dict(inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=5),
+    }
+    for alg, overrides in tiny.items():  # upstream EasyEdit only
+        config = yaml.safe_load((REPO / f"hparams/baselines/{alg}/smollm2-135m.yaml").read_text())
+        config.update(model_name=str(model_dir), **overrides)
+        (hp_dir / "baselines" / alg).mkdir(parents=True)
+        (hp_dir / "baselines" / alg / "tiny.yaml").write_text(yaml.safe_dump(config))
     return {"root": root, "data": data, "hparams": hp_dir}
 
 
@@ -291,3 +302,22 @@ def no_network(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     if "easyeditor.models.rome.layer_stats" in sys.modules:
         monkeypatch.setattr(sys.modules["easyeditor.models.rome.layer_stats"], "load_dataset", refuse)
+
+
+@pytest.mark.skipif(not _upstream(), reason="needs upstream EasyEdit (AlphaEdit, WISE, GRACE)")
+def test_upstream_baselines_in_bench(setup, tmp_path):
+    """AlphaEdit resumes from checkpoints (weights + its key cache); WISE/GRACE run without."""
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    (data / "zsre_mend_train-1k.json").write_text(json.dumps(ZSRE))  # WISE's unrelated text
+    out = tmp_path / "out"
+    from easyedit_nmke.cli import main
+
+    assert main(["bench", "--methods", "AlphaEdit,WISE,GRACE", "--datasets", "zsre", "--data-dir", str(data),
+                 "--hparams-dir", str(setup["hparams"]), "--model", "tiny", "--out", str(out), *FAST]) == 0
+    for alg in ("AlphaEdit", "WISE", "GRACE"):
+        cell = json.loads((out / "cells" / f"zsre-T2__{alg}.json").read_text())
+        assert [row["T"] for row in cell["runs"]] == [1, 2]
+        assert cell["bench"]["resumable"] == (alg == "AlphaEdit")
+    assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.pt").is_file()
+    assert "note" in json.loads((out / "cells" / "zsre-T2__WISE.json").read_text())["weight_drift"]

@@ -46,6 +46,14 @@ DATASETS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "hallucination": (("hallucination-edit.json",), "perplexity"),
     "temporal": (("temporal-edit.json",), "accuracy"),
 }
+# Training-split files whose locality pairs WISE trains its router against (upstream's
+# run_wise_editing.py does the same with the sets' train files).
+LOC_SOURCES = {
+    "zsre": "zsre_mend_train-1k.json",
+    "counterfact": "counterfact-train.json",
+    "hallucination": "hallucination-train.json",
+    "temporal": "temporal-train.json",
+}
 # Plugin methods whose "NAME:VARIANT" label sets this hparam.
 VARIANT_KEYS = {"NMKE": "mask_mode"}
 DEFAULT_VARIANT = {"NMKE": "hybrid"}
@@ -63,6 +71,7 @@ class Dataset:
     name: str
     paths: List[Path]
     metric: str
+    loc_source: Optional[Path] = None  # unrelated text for WISE's router (a train split)
 
 
 def default_data_dir() -> Optional[Path]:
@@ -82,7 +91,9 @@ def resolve_dataset(name_or_path: str, data_dir: Optional[Path], metric: Optiona
         paths = [Path(data_dir) / f for f in files]
         if not paths[0].is_file():
             raise SystemExit(f"dataset {name_or_path!r}: {paths[0]} not found")
-        return Dataset(key, [p for p in paths if p.is_file()], metric or default_metric)
+        loc_source = Path(data_dir) / LOC_SOURCES[key]
+        return Dataset(key, [p for p in paths if p.is_file()], metric or default_metric,
+                       loc_source if loc_source.is_file() else None)
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise SystemExit(f"dataset {name_or_path!r} is neither one of {sorted(DATASETS)} nor a file")
@@ -192,7 +203,7 @@ def cell_name(dataset: Dataset, n: int, method: Method) -> str:
     return f"{dataset.name}-T{n}__{method.safe_label}"
 
 
-def _load_method(method: Method, config: BenchConfig, single_method: bool):
+def _load_method(method: Method, dataset: "Dataset", config: BenchConfig, single_method: bool):
     """(spec, hparams, hparams path), or SkipMethod saying why the method cannot run."""
     overrides = dict(method.overrides)
     if method.kind == "plugin":
@@ -215,6 +226,16 @@ def _load_method(method: Method, config: BenchConfig, single_method: bool):
         raise SkipMethod(reason)
     path = hparams_file(method, config.model, config.hparams_dir, single_method)
     spec = BaselineSpec(method.alg, quiet=True)
+    if method.alg == "WISE":
+        from .records import load_records
+
+        if dataset.loc_source is None:
+            raise SkipMethod(f"WISE needs a training split's locality pairs for {dataset.name} (none known)")
+        spec.loc_prompts = [
+            f"{r.locality_prompt} {r.locality_answer}"
+            for r in load_records([dataset.loc_source])
+            if r.locality_prompt and r.locality_answer
+        ]
     fields = set(spec.hparams_cls.__dataclass_fields__)
     overrides.update({k: v for k, v in config.overrides.items() if k in fields})
     hparams = spec.load_hparams(path, overrides)
@@ -248,7 +269,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     from .records import load_records
     from .runner import RunConfig, hparams_dict, results_table, run_lifelong
 
-    spec, hparams, hparams_path = _load_method(method, config, single_method)
+    spec, hparams, hparams_path = _load_method(method, dataset, config, single_method)
     records = load_records(dataset.paths, limit=config.num_edits)
     n = len(records)
     if config.num_edits is not None and n < config.num_edits:
