@@ -385,6 +385,7 @@ def test_fast_path_edits_like_the_reference(arch, tokenizer, corpus_file, tmp_pa
 
 def test_fast_z_reads_keys_and_attribution_inputs_of_the_reference(llama, tokenizer, corpus_file, tmp_path):
     from easyedit_nmke.models.nmke.compute_ks import (
+        SubjectReadout,
         collect_attribution_inputs,
         compute_ks,
         keys_and_output,
@@ -413,6 +414,18 @@ def test_fast_z_reads_keys_and_attribution_inputs_of_the_reference(llama, tokeni
     for layer in hp.layers:
         torch.testing.assert_close(cut_keys[layer], keys[layer], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cut_output, output, rtol=1e-5, atol=1e-5)
+    # Later reads replay the blocks from layers[0] on with the current (edited) weights.
+    readout = SubjectReadout(llama, tokenizer, request, hp, templates, hp.layers[0], hp.layers[-1])
+    readout(hp.layers[-1:], hp.layers[-1])
+    with torch.no_grad():
+        for layer in hp.layers:
+            nethook.get_module(llama, hp.rewrite_module_tmp.format(layer)).weight.add_(0.05)
+    keys = compute_ks(llama, tokenizer, request, hp, hp.layers, templates)
+    output = layer_output_at_subject(llama, tokenizer, request, hp, hp.layers[-1])
+    replayed_keys, replayed_output = readout(hp.layers, hp.layers[-1])
+    for layer in hp.layers:
+        torch.testing.assert_close(replayed_keys[layer], keys[layer], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(replayed_output, output, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_z_falls_back_when_the_truncated_forward_disagrees(llama, tokenizer, corpus_file, tmp_path, monkeypatch):

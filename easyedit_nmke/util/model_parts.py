@@ -289,20 +289,35 @@ class SuffixReplay:
 
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output of the last replayed block for ``hidden`` [B, Ls, d] entering block ``first``."""
-        from transformers.cache_utils import Cache
-
-        for block, (args, kwargs) in zip(self.blocks, self.calls):
-            kwargs = {k: (self.past if isinstance(v, Cache) else v) for k, v in kwargs.items()}
-            if args:
-                args = (hidden,) + tuple(self.past if isinstance(a, Cache) else a for a in args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-            hidden = hidden_of(block(*args, **kwargs))
-        return hidden
+        return replay_blocks(self.blocks, self.calls, hidden, self.past)
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Next-token logits at suffix positions ``(rows[j], cols[j])`` after replaying from ``hidden``."""
         return head_logits(self.model, self.norm(self.run(hidden)[rows, cols]))
+
+
+def recorded_input(call: Tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden states a recorded block call received."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def replay_blocks(blocks: Sequence[nn.Module], calls: Sequence[Tuple[tuple, dict]], hidden: torch.Tensor, past=None):
+    """Call ``blocks`` in turn on ``hidden`` with their recorded arguments (``nethook.record_calls``).
+
+    Any transformers ``Cache`` among the arguments is replaced by ``past`` (None when
+    the recorded forward ran without a cache).
+    """
+    from transformers.cache_utils import Cache
+
+    for block, (args, kwargs) in zip(blocks, calls):
+        kwargs = {k: (past if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+        if args:
+            args = (hidden,) + tuple(past if isinstance(a, Cache) else a for a in args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        hidden = hidden_of(block(*args, **kwargs))
+    return hidden
 
 
 def head_logits(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...util import nethook
-from ...util.model_parts import logits_at, mlp_residual_contribution_module
+from ...util.model_parts import logits_at, mlp_residual_contribution_module, recorded_input, replay_blocks
 from ...util.requests import EditRequest, encode, encode_target, pad_batch, pad_id, subject_last_index
 from .nmke_hparams import NMKEHyperParams
 
@@ -109,6 +109,74 @@ def collect_attribution_inputs(
     return AttributionInputs(hidden=hidden, activations=activations, token_ids=token_ids)
 
 
+class SubjectReadout:
+    """Keys and a block's output at the subject's last token, read repeatedly during one edit.
+
+    Both depend only on the tokens up to the subject (causal attention), so each prompt
+    is cut right after it, and the bare prompt's row (template ``"{}"``) gives the block
+    output.  The blocks below ``first_layer`` are not edited, so the first call runs the
+    model up to ``top_layer`` and records what blocks ``first_layer..top_layer`` received;
+    later calls replay only those blocks with the current weights.  The same numbers as
+    ``compute_ks`` and ``layer_output_at_subject``, up to float rounding.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tok: PreTrainedTokenizerBase,
+        request: EditRequest,
+        hparams: NMKEHyperParams,
+        context_templates: List[str],
+        first_layer: int,
+        top_layer: int,
+    ):
+        self.model, self.hparams = model, hparams
+        self.first_layer, self.top_layer = first_layer, top_layer
+        device = next(model.parameters()).device
+        texts = [t.format(request.prompt) for t in context_templates]
+        self.n_keys = len(texts)
+        self.bare = context_templates.index("{}") if "{}" in context_templates else len(texts)
+        if self.bare == len(texts):
+            texts.append(request.prompt)
+        index = [subject_last_index(tok, t, request.subject) for t in texts]
+        ids, mask = pad_batch([encode(tok, t)[: i + 1] for t, i in zip(texts, index)], pad_id(tok))
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.last = self.mask.sum(1) - 1
+        self.block_names = [hparams.layer_module_tmp.format(i) for i in range(first_layer, top_layer + 1)]
+        self.calls = None
+
+    def __call__(
+        self, key_layers: Sequence[int], output_layer: Optional[int] = None
+    ) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
+        """(key per layer in ``key_layers``, output of block ``output_layer`` or None)."""
+        needed = list(key_layers) + ([] if output_layer is None else [output_layer])
+        if not needed or min(needed) < self.first_layer or max(needed) > self.top_layer:
+            raise ValueError(f"layers {needed} outside {self.first_layer}..{self.top_layer}")
+        key_names = {layer: self.hparams.rewrite_module_tmp.format(layer) for layer in key_layers}
+        out_names = [] if output_layer is None else [self.hparams.layer_module_tmp.format(output_layer)]
+        model = self.model
+        with torch.no_grad(), nethook.capture(model, list(key_names.values()), inputs=True) as keys, nethook.capture(
+            model, out_names
+        ) as outputs:
+            if self.calls is None:
+                with nethook.record_calls(model, self.block_names) as calls, nethook.stop_after(
+                    model, self.block_names[-1]
+                ):
+                    try:
+                        model.base_model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+                    except nethook.StopForward:
+                        pass
+                self.calls = [calls[name] for name in self.block_names]
+                self.blocks = [nethook.get_module(model, name) for name in self.block_names]
+            else:
+                count = max(needed) - self.first_layer + 1
+                replay_blocks(self.blocks[:count], self.calls[:count], recorded_input(self.calls[0]))
+        rows = torch.arange(self.n_keys, device=self.ids.device)
+        result = {layer: keys[name][rows, self.last[: self.n_keys]].float().mean(0) for layer, name in key_names.items()}
+        output = None if output_layer is None else outputs[out_names[0]][self.bare, self.last[self.bare]].float()
+        return result, output
+
+
 def keys_and_output(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -118,35 +186,7 @@ def keys_and_output(
     output_layer: Optional[int],
     context_templates: List[str],
 ) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
-    """``compute_ks(key_layers)`` and ``layer_output_at_subject(output_layer)`` from one forward.
-
-    Both read the subject's last token, which depends only on the tokens up to it
-    (causal attention): each prompt is cut right after the subject, the bare prompt's
-    row (template ``"{}"``) gives the block output, and the forward stops after the
-    highest block needed.  The same numbers as the two functions, up to float rounding.
-    """
-    device = next(model.parameters()).device
-    texts = [t.format(request.prompt) for t in context_templates]
-    n_keys = len(texts)
-    bare = context_templates.index("{}") if "{}" in context_templates else None
-    if output_layer is not None and bare is None:
-        texts.append(request.prompt)
-        bare = n_keys
-    index = [subject_last_index(tok, t, request.subject) for t in texts]
-    ids, mask = pad_batch([encode(tok, t)[: i + 1] for t, i in zip(texts, index)], pad_id(tok))
-    last = (mask.sum(1) - 1).to(device)
-    key_names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in key_layers}
-    out_names = [] if output_layer is None else [hparams.layer_module_tmp.format(output_layer)]
-    top = max(list(key_layers) + ([] if output_layer is None else [output_layer]))
-    with torch.no_grad(), nethook.capture(model, list(key_names.values()), inputs=True) as keys, nethook.capture(
-        model, out_names
-    ) as outputs:
-        with nethook.stop_after(model, hparams.layer_module_tmp.format(top)):
-            try:
-                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except nethook.StopForward:
-                pass
-    rows = torch.arange(n_keys, device=device)
-    result = {layer: keys[name][rows, last[:n_keys]].float().mean(0) for layer, name in key_names.items()}
-    output = None if output_layer is None else outputs[out_names[0]][bare, last[bare]].float()
-    return result, output
+    """``compute_ks(key_layers)`` and ``layer_output_at_subject(output_layer)`` from one cut forward."""
+    layers = list(key_layers) + ([] if output_layer is None else [output_layer])
+    readout = SubjectReadout(model, tok, request, hparams, context_templates, min(layers), max(layers))
+    return readout(key_layers, output_layer)

@@ -32,7 +32,13 @@ from ...util.model_parts import (
 )
 from ...util.requests import EditRequest, normalise_requests
 from .attribution import ReadoutNorm, neuron_attribution_scores, readout_product
-from .compute_ks import AttributionInputs, collect_attribution_inputs, compute_ks, keys_and_output, layer_output_at_subject
+from .compute_ks import (
+    AttributionInputs,
+    SubjectReadout,
+    collect_attribution_inputs,
+    compute_ks,
+    layer_output_at_subject,
+)
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
@@ -230,6 +236,10 @@ def execute_nmke(
 
         unembed, _ = unembedding(model)
         norm = _readout_norm(model, hparams) if masks and hparams.attribution_cache_readout else None
+        # fast_path: per request, the prompts cut after the subject; blocks below layers[0] run once.
+        subject_readouts = [
+            SubjectReadout(model, tok, r, hparams, state.context_templates, layers[0], layers[-1]) for r in requests
+        ]
         with torch.no_grad():
             for i, layer in enumerate(layers):
                 start = time.perf_counter()
@@ -238,10 +248,7 @@ def execute_nmke(
                     keys = torch.stack([tv.keys[layer] for tv in vectors], dim=1)
                     current = torch.stack([tv.initial.float() for tv in vectors], dim=1)
                 elif fast:
-                    pairs = [
-                        keys_and_output(model, tok, r, hparams, [layer], layers[-1], state.context_templates)
-                        for r in requests
-                    ]
+                    pairs = [readout([layer], layers[-1]) for readout in subject_readouts]
                     keys = torch.stack([k[layer] for k, _ in pairs], dim=1)
                     current = torch.stack([out for _, out in pairs], dim=1)
                 else:
@@ -278,9 +285,9 @@ def execute_nmke(
 
         start = time.perf_counter()
         new_keys = {layer: [] for layer in layers}
-        for r in requests:
+        for r, readout in zip(requests, subject_readouts):
             if fast:
-                edited_keys = keys_and_output(model, tok, r, hparams, layers, None, state.context_templates)[0]
+                edited_keys = readout(layers)[0]
             else:
                 edited_keys = compute_ks(model, tok, r, hparams, layers, state.context_templates)
             for layer, k in edited_keys.items():
