@@ -442,3 +442,23 @@ def test_fast_z_falls_back_when_the_truncated_forward_disagrees(llama, tokenizer
         got = compute_z_module.compute_z(llama, tokenizer, request, hp, 2, templates, key_layers=[1], attribution=True)
     assert not got.fast and got.attribution is None and not got.keys
     assert torch.equal(got.z, expected.z)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_shared_hidden_readout_gives_the_same_scores(kind):
+    from easyedit_nmke.models.nmke.attribution import ReadoutNorm, hidden_readout, neuron_attribution_scores
+
+    gen = torch.Generator().manual_seed(0)
+    d, d_ff, vocab = 16, 24, 50
+    norm = ReadoutNorm(kind=kind, gain=torch.rand(d, generator=gen) + 0.5,
+                       bias=torch.randn(d, generator=gen) if kind == "layer" else None)
+    unembed = torch.randn(vocab, d, generator=gen)
+    hiddens = [torch.randn(3, d, generator=gen), torch.randn(2, d, generator=gen)]
+    shared = hidden_readout(hiddens, unembed, norm)
+    for hidden, logits in zip(hiddens, shared):
+        args = (hidden, torch.randn(len(hidden), d_ff, generator=gen), torch.randn(d, d_ff, generator=gen) * 0.1,
+                unembed, norm, torch.randint(0, vocab, (len(hidden),), generator=gen))
+        torch.testing.assert_close(
+            neuron_attribution_scores(*args, backend="torch", hidden_logits=logits),
+            neuron_attribution_scores(*args, backend="torch"),
+        )

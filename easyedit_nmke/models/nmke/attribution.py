@@ -67,12 +67,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["ReadoutNorm", "readout_product", "neuron_attribution_scores"]
+__all__ = ["ReadoutNorm", "readout_product", "neuron_attribution_scores", "hidden_readout"]
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -200,6 +200,27 @@ def readout_product(unembed: Tensor, down_weight: Tensor, norm: ReadoutNorm) -> 
     return out
 
 
+def hidden_readout(hiddens: Sequence[Tensor], unembed: Tensor, norm: ReadoutNorm) -> List[Tensor]:
+    """``U·(g ⊙ h̃)`` ([P_j, vocab], fp32) for each of several [P_j, d] hidden-state batches.
+
+    One pass over the unembedding for all of them (it is read from memory once instead
+    of once per call); pass each result as ``hidden_logits`` to
+    :func:`neuron_attribution_scores` with the same ``hidden``.
+    """
+    device = unembed.device
+    g = norm.gain.to(device=device, dtype=torch.float32)
+    parts = []
+    for hidden in hiddens:
+        h = hidden.to(device=device, dtype=torch.float32)
+        if norm.centred:
+            h = h - h.mean(1, keepdim=True)
+        parts.append(h * g)
+    sizes = [p.shape[0] for p in parts]
+    with torch.no_grad():
+        a = _unembed_times(unembed, torch.cat(parts).t().contiguous(), _default_budget(device)).t()
+    return [x.contiguous() for x in a.split(sizes)]
+
+
 @dataclass
 class _Problem:
     """Per-call small tensors shared by the fused backends (all fp32)."""
@@ -226,6 +247,7 @@ def _prepare(
     unembed_bias: Optional[Tensor],
     readout: Optional[Tensor],
     budget: int,
+    hidden_logits: Optional[Tensor] = None,
 ) -> _Problem:
     device = unembed.device
     d = unembed.shape[1]
@@ -245,7 +267,10 @@ def _prepare(
     inv_r = torch.rsqrt(sq.div_(d).add_(norm.eps))
     inv_r0 = torch.rsqrt(hh / d + norm.eps)  # [P, 1] baseline (c = 0)
 
-    a = _unembed_times(unembed, (h * g).t().contiguous(), budget).t().contiguous()  # [P, vocab]
+    if hidden_logits is not None:
+        a = hidden_logits.to(device=device, dtype=torch.float32).contiguous()
+    else:
+        a = _unembed_times(unembed, (h * g).t().contiguous(), budget).t().contiguous()  # [P, vocab]
     beta: Optional[Tensor] = None
     if norm.bias is not None:
         beta = _unembed_times(unembed, norm.bias.to(device=device, dtype=torch.float32)[:, None], budget)[:, 0]
@@ -497,6 +522,7 @@ def neuron_attribution_scores(
     readout: Optional[Tensor] = None,
     backend: str = "auto",
     max_chunk_bytes: Optional[int] = None,
+    hidden_logits: Optional[Tensor] = None,
 ) -> Tensor:
     """Score each neuron by the log-probability change its amplification causes.
 
@@ -522,6 +548,8 @@ def neuron_attribution_scores(
             else torch).
         max_chunk_bytes: working-memory budget of the streamed backends; default
             from free memory (capped at 64 MiB on CPU, 1 GiB on CUDA).
+        hidden_logits: optional [P, vocab] ``U·(g ⊙ h̃)`` of these prompts, from
+            :func:`hidden_readout` (one pass over ``U`` for several layers' calls).
 
     Returns:
         [P, d_ff] float32 scores on ``unembed``'s device.  Inputs may be
@@ -545,6 +573,8 @@ def neuron_attribution_scores(
         raise ValueError(f"token_ids must be [{n_prompts}], got {tuple(token_ids.shape)}")
     if unembed_bias is not None and unembed_bias.shape != (vocab,):
         raise ValueError(f"unembed_bias must be [{vocab}]")
+    if hidden_logits is not None and hidden_logits.shape != (n_prompts, vocab):
+        raise ValueError(f"hidden_logits must be [{n_prompts}, {vocab}], got {tuple(hidden_logits.shape)}")
     if readout is not None and readout.shape != (vocab, d_ff):
         raise ValueError(f"readout must be [{vocab}, {d_ff}], got {tuple(readout.shape)}")
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
@@ -564,7 +594,7 @@ def neuron_attribution_scores(
             backend = "triton" if device.type == "cuda" and _triton_usable() else "torch"
         budget = int(max_chunk_bytes) if max_chunk_bytes is not None else _default_budget(device)
         budget = max(budget, 64)
-        pb = _prepare(*args, readout=readout, budget=budget)
+        pb = _prepare(*args, readout=readout, budget=budget, hidden_logits=hidden_logits)
         if backend == "triton":
             lse = _lse_triton(pb, vocab, budget)
         else:

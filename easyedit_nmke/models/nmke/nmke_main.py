@@ -31,7 +31,7 @@ from ...util.model_parts import (
     unembedding,
 )
 from ...util.requests import EditRequest, normalise_requests
-from .attribution import ReadoutNorm, neuron_attribution_scores, readout_product
+from .attribution import ReadoutNorm, hidden_readout, neuron_attribution_scores, readout_product
 from .compute_ks import (
     AttributionInputs,
     SubjectReadout,
@@ -159,6 +159,12 @@ def compute_neuron_masks(
         inputs = [collect_attribution_inputs(model, tok, r, hparams, state.context_templates) for r in requests]
     unembed, unembed_bias = unembedding(model)
     norm = _readout_norm(model, hparams)
+    hidden_logits = {}
+    if hparams.fast_path:
+        # U·(g ⊙ h) for every layer and request in one pass over the unembedding.
+        keys = [(layer, j) for layer in hparams.layers for j in range(len(inputs))]
+        values = hidden_readout([inputs[j].hidden[layer] for layer, j in keys], unembed.detach(), norm)
+        hidden_logits = dict(zip(keys, values))
     masks = {}
     for layer in hparams.layers:
         module = nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))
@@ -179,8 +185,9 @@ def compute_neuron_masks(
                     unembed_bias=None if unembed_bias is None else unembed_bias.detach(),
                     readout=readout,
                     backend=hparams.attribution_backend,
+                    hidden_logits=hidden_logits.get((layer, j)),
                 )
-                for x in inputs
+                for j, x in enumerate(inputs)
             ]
         )
         masks[layer] = build_mask(scores, hparams)
@@ -240,6 +247,7 @@ def execute_nmke(
         subject_readouts = [
             SubjectReadout(model, tok, r, hparams, state.context_templates, layers[0], layers[-1]) for r in requests
         ]
+        pending_readout: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             for i, layer in enumerate(layers):
                 start = time.perf_counter()
@@ -275,12 +283,22 @@ def execute_nmke(
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
                 entry = state.readout.get(layer)
                 if entry is not None and norm is not None:
-                    update = readout_product(unembed.detach(), residual, norm)  # [vocab, n]
-                    if fast:  # in place: no [vocab × d_ff] temporary
-                        entry.matrix.addmm_(update, coeffs.T)
+                    if fast:  # applied below, all layers at once
+                        pending_readout.append((layer, residual, coeffs))
                     else:
-                        entry.matrix.add_(update @ coeffs.T)
-                    entry.weight_version = weight._version
+                        entry.matrix.add_(readout_product(unembed.detach(), residual, norm) @ coeffs.T)
+                        entry.weight_version = weight._version
+                state.add_time("solve", time.perf_counter() - start)
+            if pending_readout:
+                # The cached U·diag(g)·V changes by (U·diag(g)·residual)·coeffsᵀ per layer: one pass
+                # over U for all layers' residuals, then in-place rank-n updates (no [vocab × d_ff] temporary).
+                start = time.perf_counter()
+                products = readout_product(unembed.detach(), torch.cat([r for _, r, _ in pending_readout], 1), norm)
+                for (layer, _, coeffs), update in zip(
+                    pending_readout, products.split([r.shape[1] for _, r, _ in pending_readout], 1)
+                ):
+                    state.readout[layer].matrix.addmm_(update, coeffs.T)
+                    state.readout[layer].weight_version = modules[layer].weight._version
                 state.add_time("solve", time.perf_counter() - start)
 
         start = time.perf_counter()
