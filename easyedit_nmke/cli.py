@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--ard-plot", type=Path, default=None, help="MicroEdit: record every ARD and plot the distributions (PNG)"
     )
+    train_sae = sub.add_parser("train-sae", help="MicroEdit: train the TopK SAE for a MicroEdit hparams file")
+    train_sae.add_argument("--hparams", type=Path, required=True, help="MicroEdit hparams YAML")
+    train_sae.add_argument("--out", type=Path, default=None, help="save the SAE here (default: the hparams' sae_path)")
+    train_sae.add_argument("--layer", type=int, default=None, help="decoder block whose output the SAE reads")
+    train_sae.add_argument("--d-sae", type=int, default=None, help="number of latents (sae_train_d_sae)")
+    train_sae.add_argument("--k", type=int, default=None, help="active latents per token (sae_train_k)")
+    train_sae.add_argument("--tokens", type=int, default=None, help="training tokens (sae_train_tokens)")
+    train_sae.add_argument("--epochs", type=int, default=None, help="passes over the training tokens")
+    train_sae.add_argument("--dataset", default=None, help="text file/folder, wikitext-2 or model-generated")
+    train_sae.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
+    train_sae.add_argument("--force", action="store_true", help="replace an SAE already at the output folder")
+    train_sae.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    train_sae.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser(
         "bench", help="lifelong benchmark: methods x datasets x checkpoints T, per-cell JSONs, table and plots"
     )
@@ -131,6 +144,60 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
     return data
 
 
+def run_train_sae(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train MicroEdit's SAE as the hparams describe it, save it, print the held-out metrics."""
+    import torch
+
+    from .models.microedit.microedit_hparams import MicroEditHyperParams
+    from .models.microedit.sae_io import save_sae
+    from .models.microedit.train_sae import train_sae
+    from .util.model_loader import load_model_and_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hparams = MicroEditHyperParams.from_hparams(args.hparams)
+    overrides = parse_overrides(args.set)
+    for key, value in (
+        ("layers", None if args.layer is None else [args.layer]),
+        ("sae_train_d_sae", args.d_sae),
+        ("sae_train_k", args.k),
+        ("sae_train_tokens", args.tokens),
+        ("sae_train_epochs", args.epochs),
+        ("sae_train_dataset", args.dataset),
+    ):
+        if value is not None:
+            overrides[key] = value
+    if overrides:
+        hparams = hparams.replace(**overrides)
+    if not hparams.can_train_sae:
+        raise SystemExit(f"{args.hparams}: set sae_train_d_sae and sae_train_k (or pass --d-sae and --k)")
+    changes_sae = {"layers", "sae_train_d_sae", "sae_train_k"} & set(overrides)
+    if args.out is None and changes_sae:
+        raise SystemExit(
+            f"overriding {sorted(changes_sae)} trains a different SAE than sae_path names; give --out DIR"
+        )
+    out = args.out or hparams.resolved_sae_path()
+    if out is None:
+        raise SystemExit(f"{args.hparams} has no sae_path; give --out DIR")
+    if out.exists() and not args.force:
+        raise SystemExit(f"an SAE already exists at {out}; pass --force to replace it")
+    device = hparams.device if isinstance(hparams.device, str) else f"cuda:{hparams.device}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("[easyedit-nmke] CUDA is not available; running on CPU", file=sys.stderr)
+        device = "cpu"
+    model, tok = load_model_and_tokenizer(hparams.model_name, device=device)
+    sae, metrics = train_sae(model, tok, hparams, progress=not args.no_progress)
+    metrics["command"] = "easyedit-nmke " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_sae(sae, out, metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(
+        f"SAE saved to {out}: held-out FVE {metrics['fve']:.3f}, mean L0 {metrics['mean_l0']:.1f}, "
+        f"dead latents {metrics['dead_fraction']:.1%}, {metrics['train_tokens']} training tokens, "
+        f"{metrics['seconds'] / 60:.1f} minutes"
+    )
+    return metrics
+
+
 def run_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``easyedit-nmke bench``: see :mod:`easyedit_nmke.evaluate.bench`."""
     from .evaluate.bench import run_from_args
@@ -143,6 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "edit":
         run_edit(args)
+    elif args.command == "train-sae":
+        run_train_sae(args, argv)
     elif args.command == "bench":
         run_bench(args, argv)
     return 0

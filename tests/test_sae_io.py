@@ -231,3 +231,53 @@ def test_ensure_sae_trains_once_then_reuses(model, tokenizer, corpus_file, tmp_p
     second = ensure_sae(model, tokenizer, hp, progress=False)
     assert "training" not in capsys.readouterr().err
     assert torch.equal(first.W_dec, second.W_dec) and torch.equal(first.W_enc, second.W_enc)
+
+
+# --------------------------------------------------------------------------- CLI and shipped hparams
+
+
+def test_train_sae_command_saves_the_sae_and_its_metrics(model, tokenizer, corpus_file, tmp_path, capsys):
+    import yaml
+
+    from easyedit_nmke.cli import main
+
+    model_dir = tmp_path / "tiny-llama"
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    config = dict(alg_name="MicroEdit", model_name=str(model_dir), layers=[1], layer_module_tmp="model.layers.{}",
+                  sae_path=str(tmp_path / "default"), sae_train_d_sae=64, sae_train_k=4, sae_train_tokens=300,
+                  sae_train_heldout_tokens=100, sae_train_context_length=32, sae_train_batch_tokens=100)
+    yaml_path = tmp_path / "microedit.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="give --out"):
+        main(["train-sae", "--hparams", str(yaml_path), "--k", "8"])
+    out = tmp_path / "out"
+    assert main(["train-sae", "--hparams", str(yaml_path), "--out", str(out), "--k", "8", "--epochs", "2",
+                 "--dataset", str(corpus_file), "--no-progress"]) == 0
+    metrics = read_metrics(out)
+    assert metrics["k"] == 8 and metrics["epochs"] == 2 and "train-sae" in metrics["command"]
+    assert "held-out FVE" in capsys.readouterr().out
+    assert load_sae(hparams(sae_path=str(out)), model).cfg.k == 8
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["train-sae", "--hparams", str(yaml_path), "--out", str(out), "--dataset", str(corpus_file)])
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama3-8b", "mistral-7b"])
+def test_shipped_hparams_load(name):
+    from conftest import REPO
+
+    hp = MicroEditHyperParams.from_hparams(REPO / "hparams" / "MicroEdit" / f"{name}.yaml")
+    assert hp.resolved_sae_path() is not None or hp.sae_release
+
+
+def test_resid_pre_sae_belongs_to_the_block_before():
+    from conftest import REPO
+
+    from easyedit_nmke.models.microedit.sae_io import check_sae
+
+    hp = MicroEditHyperParams.from_hparams(REPO / "hparams" / "MicroEdit" / "mistral-7b.yaml")
+    sae = random_topk_sae(d_in=8, d_sae=16, k=2)
+    sae.cfg.metadata.hook_name = hp.sae_id  # blocks.24.hook_resid_pre: the output of block 23
+    check_sae(sae, hp)
+    with pytest.raises(SAEError, match="output of decoder block 23"):
+        check_sae(sae, hp.replace(layers=[24]))

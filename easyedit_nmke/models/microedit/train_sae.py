@@ -203,21 +203,15 @@ def _to_inference_sae(training_sae: nn.Module, scaling_factor: float) -> "TopKSA
     return sae
 
 
-def train_sae(
-    model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MicroEditHyperParams, progress: bool = True
+def fit_sae(
+    train: torch.Tensor, hparams: MicroEditHyperParams, corpus: str = "", progress: bool = True
 ) -> Tuple["TopKSAE", Dict[str, Any]]:
-    """Train a TopK SAE at the output of block ``hparams.layer``; (SAE, held-out metrics)."""
-    if not hparams.can_train_sae:
-        raise ValueError("training an SAE needs sae_train_d_sae and sae_train_k in the hparams")
-    from sae_lens import __version__ as sae_lens_version
+    """Train a TopK SAE on activations ``train`` [n, d_in] with SAE-Lens' trainer; (SAE, training info)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    total_start = time.perf_counter()
-    data = collect_activations(model, tok, hparams, progress=progress)
-    train, heldout = data.train, data.heldout
     n_train, d_in = train.shape
     batch = min(hparams.sae_train_batch_tokens, n_train)
     epochs = hparams.sae_train_epochs
@@ -230,7 +224,7 @@ def train_sae(
         hook_name=f"blocks.{hparams.layer}.hook_resid_post",
         hf_hook_name=hparams.layer_module_tmp.format(hparams.layer),
         context_size=hparams.sae_train_context_length,
-        dataset_path=data.corpus[:300],
+        dataset_path=corpus[:300],
         massive_norm_factor=hparams.massive_norm_factor,
         trained_by="easyedit_nmke.models.microedit.train_sae",
     )
@@ -268,7 +262,7 @@ def train_sae(
     trainer.activation_scaler.scaling_factor = scaling_factor
 
     # SAETrainer.fit() with its public per-step seams, so the progress bar follows `progress`.
-    fit_start = time.perf_counter()
+    start = time.perf_counter()
     bar = tqdm(total=steps, desc="SAE training", unit="step", disable=not progress)
     while trainer.n_training_samples < trainer_cfg.total_training_samples:
         trainer.maybe_reset_sparsity()
@@ -282,36 +276,50 @@ def train_sae(
         bar.update(1)
     bar.close()
     trainer.set_final_sae_metadata()
-    fit_seconds = time.perf_counter() - fit_start
+    info = {
+        "epochs": epochs,
+        "steps": steps,
+        "batch_tokens": batch,
+        "lr": hparams.sae_train_lr,
+        "seed": hparams.sae_train_seed,
+        "dead_during_training": int(trainer.dead_neurons.sum()),
+        "train_seconds": time.perf_counter() - start,
+    }
+    return _to_inference_sae(training_sae, scaling_factor), info
 
-    sae = _to_inference_sae(training_sae, scaling_factor)
-    metrics = evaluate_sae(sae, heldout)
+
+def train_sae(
+    model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MicroEditHyperParams, progress: bool = True
+) -> Tuple["TopKSAE", Dict[str, Any]]:
+    """Train a TopK SAE at the output of block ``hparams.layer``; (SAE, held-out metrics)."""
+    if not hparams.can_train_sae:
+        raise ValueError("training an SAE needs sae_train_d_sae and sae_train_k in the hparams")
+    from sae_lens import __version__ as sae_lens_version
+
+    total_start = time.perf_counter()
+    data = collect_activations(model, tok, hparams, progress=progress)
+    sae, info = fit_sae(data.train, hparams, corpus=data.corpus, progress=progress)
+    metrics = evaluate_sae(sae, data.heldout)
     metrics.update(
         {
             "model_name": hparams.model_name,
             "layer": hparams.layer,
             "module": hparams.layer_module_tmp.format(hparams.layer),
             "model_layers": num_layers(model),
-            "d_in": d_in,
+            "d_in": sae.cfg.d_in,
             "d_sae": hparams.sae_train_d_sae,
             "k": hparams.sae_train_k,
-            "train_tokens": n_train,
+            "train_tokens": data.train.shape[0],
             "excluded_massive_positions": data.excluded_positions,
             "massive_norm_factor": hparams.massive_norm_factor,
             "windows": data.windows,
             "context_length": hparams.sae_train_context_length,
             "corpus": data.corpus[:300],
-            "epochs": epochs,
-            "steps": steps,
-            "batch_tokens": batch,
-            "lr": hparams.sae_train_lr,
-            "seed": hparams.sae_train_seed,
-            "dead_during_training": int(trainer.dead_neurons.sum()),
+            **info,
             "collect_seconds": data.seconds,
-            "train_seconds": fit_seconds,
             "seconds": time.perf_counter() - total_start,
             "torch_threads": torch.get_num_threads(),
-            "device": str(device),
+            "device": str(data.train.device),
             "sae_lens_version": sae_lens_version,
         }
     )
