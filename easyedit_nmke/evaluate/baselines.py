@@ -359,6 +359,35 @@ class BaselineSpec:
             write_easyeditor_stats(model, tok, hparams, self.flavour)
         if self.alg_name == "AlphaEdit":
             self._prepare_alphaedit(model, tok, hparams)
+        self._context_templates(model, tok, hparams)
+
+    def _context_templates(self, model: Any, tok: Any, hparams: Any) -> None:
+        """Generate ROME/MEMIT/AlphaEdit's cached context prefixes now, seeded, on the unedited model.
+
+        Their code samples them (unseeded in PyPI) at the first edit and keeps them for the
+        process; here they come from seed 0 before any checkpoint is restored, so a resumed
+        cell and a fresh one use the same prefixes.
+        """
+        import importlib
+
+        import torch
+
+        module_name = {
+            "ROME": "easyeditor.models.rome.rome_main",
+            "MEMIT": "easyeditor.models.memit.memit_main",
+            "AlphaEdit": "easyeditor.models.alphaedit.AlphaEdit_main",
+        }.get(self.alg_name)
+        if module_name is None:
+            return
+        module = importlib.import_module(module_name)
+        args = (hparams.context_template_length_params,) if self.alg_name == "ROME" else ()
+        cpu = self.flavour == "pypi" and _is_cpu(hparams)
+        module.CONTEXT_TEMPLATES_CACHE = None
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()), (
+            cpu_device_strings() if cpu else contextlib.nullcontext()
+        ):
+            torch.manual_seed(0)
+            module.get_context_templates(model, tok, *args)
 
     def apply(self, model, tok, requests, hparams, copy=False, return_orig_weights=False, **kwargs):
         if self.alg_name == "WISE":
