@@ -321,3 +321,44 @@ def test_upstream_baselines_in_bench(setup, tmp_path):
         assert cell["bench"]["resumable"] == (alg == "AlphaEdit")
     assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.pt").is_file()
     assert "note" in json.loads((out / "cells" / "zsre-T2__WISE.json").read_text())["weight_drift"]
+
+
+@pytest.mark.skipif(not is_easyeditor_installed(), reason="easyeditor is not installed")
+def test_baseline_cell_resumes_like_a_straight_run(tokenizer, tmp_path, monkeypatch):
+    """A ROME run killed after its T=1 checkpoint ends with the same weights as an uninterrupted one."""
+    from easyedit_nmke.evaluate.baselines import BaselineSpec
+    from easyedit_nmke.evaluate.records import record_from_dict
+    from easyedit_nmke.evaluate.runner import RunConfig, run_lifelong
+
+    monkeypatch.setenv("EASYEDIT_NMKE_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    spec = BaselineSpec("ROME")
+    hparams = spec.load_hparams(REPO / "hparams/baselines/ROME/smollm2-135m.yaml", dict(
+        model_name="tiny-llama", layers=[1], v_loss_layer=3, v_num_grad_steps=3, mom2_dataset=str(corpus),
+        mom2_n_samples=20, context_template_length_params=[[4, 5]]))
+    records = [record_from_dict(r) for r in ZSRE]
+    config = RunConfig(eval_at=[1, 2], progress=False)
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    straight = tiny_model("llama", len(tokenizer))
+    run_lifelong(straight, tokenizer, hparams, spec, records, config)
+
+    real_apply, calls = spec._apply_fn, {"n": 0}
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    spec._apply_fn = dying_apply
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config,
+                     work_dir=tmp_path / "work")
+    spec._apply_fn = real_apply
+    resumed = tiny_model("llama", len(tokenizer))
+    result = run_lifelong(resumed, tokenizer, hparams, spec, records, config, work_dir=tmp_path / "work")
+    assert [row["T"] for row in result.runs] == [1, 2]
+    assert torch.allclose(resumed.get_parameter(name), straight.get_parameter(name), atol=1e-6)
+    assert not torch.equal(resumed.get_parameter(name), tiny_model("llama", len(tokenizer)).get_parameter(name))

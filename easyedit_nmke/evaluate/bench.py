@@ -255,6 +255,33 @@ def _device(hparams: Any) -> str:
     return device
 
 
+def _has_parameter(model: Any, name: str) -> bool:
+    from ..util import nethook
+
+    try:
+        nethook.get_parameter(model, name)
+        return True
+    except LookupError:
+        return False
+
+
+class _SnapshotAfterPrepare:
+    """The method spec, with the named parameters copied as soon as ``prepare`` made them."""
+
+    def __init__(self, spec: Any, names: List[str], into: Dict[str, Any]) -> None:
+        self._spec, self._names, self._into = spec, names, into
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spec, name)
+
+    def prepare(self, model: Any, tok: Any, hparams: Any) -> None:
+        from .general import snapshot
+
+        self._spec.prepare(model, tok, hparams)
+        missing = [n for n in self._names if n not in self._into and _has_parameter(model, n)]
+        self._into.update(snapshot(model, missing))
+
+
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -328,7 +355,10 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
         edited_names = spec.edited_parameters(hparams, model)
     else:
         edited_names = spec.edited_parameters(hparams)
-    originals = snapshot(model, edited_names)
+    originals = snapshot(model, [n for n in edited_names if _has_parameter(model, n)])
+    # Parameters a method adds in prepare (MicroEdit's SAE decoder) are taken right after it,
+    # which the runner calls before restoring a checkpoint.
+    spec = _SnapshotAfterPrepare(spec, [n for n in edited_names if n not in originals], originals)
 
     run_work: Optional[Path] = work
     if adapter_based:
@@ -402,8 +432,18 @@ def run_bench(config: BenchConfig, model_loader=None) -> Dict[str, Any]:
             except SkipMethod as exc:
                 skipped[method.label] = str(exc)
                 print(f"[bench] skipping {method.label}: {exc}")
-    report = write_report(config.out_dir, skipped)
+    # Remembered across invocations (scripts/run_benchmarks.sh runs one cell per process).
+    _record_skips(config.out_dir, {f"{m} on {d.name}": reason for m, reason in skipped.items() for d in datasets})
+    report = write_report(config.out_dir)
     return {"skipped": skipped, **report}
+
+
+def _record_skips(out_dir: Path, skipped: Dict[str, str]) -> None:
+    path = Path(out_dir) / "skipped.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update(skipped)
+    if known:
+        _write_json(path, known)
 
 
 def load_cells(out_dir: Path) -> List[Dict[str, Any]]:
@@ -418,11 +458,15 @@ def load_cells(out_dir: Path) -> List[Dict[str, Any]]:
     return cells
 
 
-def write_report(out_dir: Path, skipped: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+def write_report(out_dir: Path) -> Dict[str, Any]:
     """``results.md`` and ``plots/<dataset>.png`` from every cell JSON under ``out_dir``."""
     out_dir = Path(out_dir)
     cells = load_cells(out_dir)
-    markdown = markdown_report(cells, skipped or {})
+    skip_file = out_dir / "skipped.json"
+    skipped = json.loads(skip_file.read_text()) if skip_file.is_file() else {}
+    finished = {f"{c['bench']['method']} on {c['bench']['dataset']}" for c in cells}
+    skipped = {k: v for k, v in skipped.items() if k not in finished}
+    markdown = markdown_report(cells, skipped)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(markdown)
     plots = write_plots(cells, out_dir / "plots")
