@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The lifelong benchmark matrix of issue 4, cell by cell (one process per method x dataset
+# cell), resumable: rerun the same command after an interruption and finished cells are
+# skipped, unfinished ones continue from their last checkpoint (WISE/GRACE restart).
+#
+#   scripts/run_benchmarks.sh                      # every group below, in this order
+#   scripts/run_benchmarks.sh zsre100 halluc100    # some groups
+#   nohup scripts/run_benchmarks.sh > bench.log 2>&1 &   # in the background
+#
+# Groups (cells):
+#   zsre100     ZsRE, T=100: NMKE (hybrid), its ablations general/specific/fixed/none,
+#               MicroEdit, FT, ROME, MEMIT, and AlphaEdit/WISE/GRACE when upstream EasyEdit
+#               is the installed easyeditor (otherwise printed as skipped)
+#   halluc100   WISE hallucination set, T=100 (Rel = perplexity): NMKE, NMKE:none, MicroEdit
+#   zsre1000    ZsRE, T=1000 (725 dev records, then zsre_mend_train-1k): NMKE, NMKE:none,
+#               MicroEdit, MEMIT
+#   cf1000      CounterFact, T=1000: NMKE, NMKE:none
+#
+# Environment: OUT (default runs/bench), THREADS torch threads per cell (default 1),
+# JOBS cells run at the same time (default 1; with 2 cores, JOBS=2 THREADS=1),
+# EASYEDIT_NMKE_DATA_DIR (default ../shared/data), PYTHON (default python),
+# EXTRA extra flags for every cell (e.g. "--mmlu-n 200").
+# Outputs: $OUT/cells/*.json (one per cell), $OUT/results.md, $OUT/plots/*.png,
+# $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints).
+# Rough cost on the 2-core dev machine (one thread per cell): NMKE ~30 s/edit, ROME
+# ~50 s/edit; a T=1000 cell takes most of a day.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-runs/bench}
+THREADS=${THREADS:-1}
+JOBS=${JOBS:-1}
+PY=${PYTHON:-python}
+EXTRA=${EXTRA:-}
+export EASYEDIT_NMKE_DATA_DIR=${EASYEDIT_NMKE_DATA_DIR:-../shared/data}
+export HF_HUB_OFFLINE=1
+mkdir -p "$OUT/logs"
+
+GROUPS_TO_RUN=("$@")
+[ ${#GROUPS_TO_RUN[@]} -eq 0 ] && GROUPS_TO_RUN=(zsre100 halluc100 zsre1000 cf1000)
+
+# One line per cell: dataset  num_edits  eval_at  method
+cells() {
+  local group=$1 m
+  case $group in
+    zsre100)
+      for m in NMKE NMKE:general NMKE:specific NMKE:fixed NMKE:none MicroEdit FT ROME MEMIT AlphaEdit WISE GRACE; do
+        echo "zsre 100 10,25,50,100 $m"
+      done ;;
+    halluc100)
+      for m in NMKE NMKE:none MicroEdit; do echo "hallucination 100 10,50,100 $m"; done ;;
+    zsre1000)
+      for m in NMKE NMKE:none MicroEdit MEMIT; do echo "zsre 1000 10,100,250,500,1000 $m"; done ;;
+    cf1000)
+      for m in NMKE NMKE:none; do echo "counterfact 1000 10,100,250,500,1000 $m"; done ;;
+    *) echo "unknown group $group (zsre100 halluc100 zsre1000 cf1000)" >&2; return 1 ;;
+  esac
+}
+
+run_cell() {
+  local dataset=$1 n=$2 eval_at=$3 method=$4
+  local log="$OUT/logs/${dataset}-T${n}__${method//:/-}.log"
+  echo "[$(date '+%F %T')] start  $dataset T=$n $method (log: $log)"
+  # shellcheck disable=SC2086
+  if "$PY" -m easyedit_nmke bench --datasets "$dataset" --num-edits "$n" --eval-at "$eval_at" \
+      --methods "$method" --out "$OUT" --threads "$THREADS" --no-progress $EXTRA >>"$log" 2>&1; then
+    echo "[$(date '+%F %T')] done   $dataset T=$n $method"
+  else
+    echo "[$(date '+%F %T')] FAILED $dataset T=$n $method (see $log)"
+  fi
+}
+export -f run_cell
+export OUT THREADS PY EXTRA
+
+for group in "${GROUPS_TO_RUN[@]}"; do
+  cells "$group" || exit 1
+done | xargs -P "$JOBS" -L 1 bash -c 'run_cell "$0" "$1" "$2" "$3"'
+
+"$PY" -m easyedit_nmke bench --report-only --out "$OUT"
