@@ -676,8 +676,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="accepted for EasyEdit compatibility: the benchmark always edits sequentially")
     parser.add_argument("--no-immediate", action="store_true", help="do not score each edit right after applying it")
     parser.add_argument("--no-general", action="store_true", help="skip MMLU / WikiText-2 before and after")
-    parser.add_argument("--mmlu-n", type=int, default=None, help="MMLU questions (default 64; 0 skips MMLU)")
-    parser.add_argument("--wikitext-windows", type=int, default=None, help="WikiText-2 windows (default 16; 0 skips)")
+    parser.add_argument("--mmlu-n", type=int, default=None, help="MMLU questions (default 48; 0 skips MMLU)")
+    parser.add_argument("--wikitext-windows", type=int, default=None, help="WikiText-2 windows (default 12; 0 skips)")
     parser.add_argument("--window-tokens", type=int, default=None, help="tokens per WikiText-2 window (default 256)")
     parser.add_argument("--mmlu-dir", type=Path, default=None, help="MMLU folder (default <data dir>/mmlu)")
     parser.add_argument("--wikitext", type=Path, default=None,
