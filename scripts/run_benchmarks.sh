@@ -22,8 +22,10 @@
 # EXTRA extra flags for every cell (e.g. "--mmlu-n 200").
 # Outputs: $OUT/cells/*.json (one per cell), $OUT/results.md, $OUT/plots/*.png,
 # $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints).
-# Rough cost on the 2-core dev machine (one thread per cell): NMKE ~30 s/edit, ROME
-# ~50 s/edit; a T=1000 cell takes most of a day.
+# Cost per edit on the 2-core dev machine, one thread per cell, other core busy: NMKE
+# ~30 s, FT ~5 s, ROME ~70-80 s, MEMIT ~90-150 s (PyPI compute_z: 25 full-model
+# forward/backward steps, no early stop), plus ~2 min per cell for MMLU/WikiText-2 before
+# and after.  A T=1000 NMKE cell takes ~9 h, a T=1000 MEMIT cell more than a day.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -403,9 +403,11 @@ class BaselineSpec:
         device_ctx = cpu_device_strings() if pypi and _is_cpu(hparams) else contextlib.nullcontext()
         tuples = tuple_block_outputs() if pypi else contextlib.nullcontext()
         output = io.StringIO()
+        # easyeditor prints every step and draws empty tqdm bars (layer_stats) on each edit.
         quiet = contextlib.redirect_stdout(output) if self.quiet else contextlib.nullcontext()
+        quiet_err = contextlib.redirect_stderr(output) if self.quiet else contextlib.nullcontext()
         try:
-            with device_ctx, tuples, quiet:
+            with device_ctx, tuples, quiet, quiet_err:
                 result = self._apply_fn(
                     model, tok, requests, hparams, copy=copy, return_orig_weights=False, keep_original_weight=False
                 )
