@@ -425,15 +425,13 @@ def run_bench(config: BenchConfig, model_loader=None) -> Dict[str, Any]:
     skipped: Dict[str, str] = {}
     for dataset in datasets:
         for method in methods:
-            if method.label in skipped:
-                continue
             try:
                 run_cell(method, dataset, config, single, model_loader)
             except SkipMethod as exc:
-                skipped[method.label] = str(exc)
-                print(f"[bench] skipping {method.label}: {exc}")
+                skipped[f"{method.label} on {dataset.name}"] = str(exc)
+                print(f"[bench] skipping {method.label} on {dataset.name}: {exc}")
     # Remembered across invocations (scripts/run_benchmarks.sh runs one cell per process).
-    _record_skips(config.out_dir, {f"{m} on {d.name}": reason for m, reason in skipped.items() for d in datasets})
+    _record_skips(config.out_dir, skipped)
     report = write_report(config.out_dir)
     return {"skipped": skipped, **report}
 
