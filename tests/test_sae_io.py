@@ -48,6 +48,15 @@ def random_topk_sae(d_in: int = D_IN, d_sae: int = 96, k: int = 6, layer: int = 
     return sae
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy machine waiting for it costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_model("llama", len(tokenizer))
@@ -135,6 +144,16 @@ def test_decoder_norm_rescaling_is_folded_away(tmp_path, model):
 def test_missing_sae_says_how_to_get_one(tmp_path, model):
     with pytest.raises(SAEError, match="no SAE at .*easyedit-nmke train-sae"):
         load_sae(hparams(sae_path=str(tmp_path / "absent")), model)
+
+
+def test_release_needs_the_network_and_a_known_id(model, monkeypatch):
+    release = dict(sae_path=None, sae_release="mistral-7b-res-wg", sae_id="blocks.24.hook_resid_pre", layers=[1])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SAEError, match="HF_HUB_OFFLINE is set.*train-sae"):
+        load_sae(hparams(**release), model)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(SAEError, match="not in release"):  # refused before any download
+        load_sae(hparams(**{**release, "sae_id": "blocks.99.hook_resid_pre"}), model)
 
 
 def test_standard_relu_sae_is_refused_unless_sae_k_is_set(tmp_path, model):
