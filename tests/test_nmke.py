@@ -438,7 +438,7 @@ def test_fast_z_falls_back_when_the_truncated_forward_disagrees(llama, tokenizer
     expected = compute_z_module.compute_z(llama, tokenizer, request, hp.replace(fast_path=False), 2, templates)
     original = compute_z_module._FastForward.logits
     monkeypatch.setattr(compute_z_module._FastForward, "logits", lambda self, delta: original(self, delta) + 1.0)
-    with pytest.warns(UserWarning, match="truncated forward"):
+    with pytest.warns(UserWarning, match="fast_path: truncated forward"):
         got = compute_z_module.compute_z(llama, tokenizer, request, hp, 2, templates, key_layers=[1], attribution=True)
     assert not got.fast and got.attribution is None and not got.keys
     assert torch.equal(got.z, expected.z)

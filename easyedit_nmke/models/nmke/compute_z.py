@@ -25,7 +25,7 @@ from ...util.model_parts import (
     mlp_residual_contribution_module,
     num_layers,
 )
-from ...util.requests import EditRequest, encode, encode_target, pad_batch, pad_id, subject_last_index
+from ...util.requests import EditRequest, RequestError, encode, encode_target, pad_batch, pad_id, subject_last_index
 from .compute_ks import AttributionInputs
 from .nmke_hparams import NMKEHyperParams
 
@@ -112,8 +112,10 @@ def compute_z(
     if hparams.fast_path:
         try:
             return _optimise(model, tok, request, hparams, layer, context_templates, key_layers, attribution, True)
-        except ReplayMismatch as exc:
-            warnings.warn(f"{exc}; using the full forward for the z optimisation")
+        except RequestError:
+            raise
+        except Exception as exc:  # an architecture the truncated forward does not fit
+            warnings.warn(f"fast_path: {exc}; using the full forward for the z optimisation")
     return _optimise(model, tok, request, hparams, layer, context_templates, (), False, False)
 
 
