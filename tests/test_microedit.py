@@ -298,3 +298,21 @@ def test_lifelong_run_reports_routing_plots_distances_and_resumes(tokenizer, sae
         assert resumed["runs"][-1][key] == pytest.approx(straight["runs"][-1][key], abs=1e-6)
     assert get_state(resumed_model).num_edits == 3
     assert resumed["routing_before"] == straight["routing_before"]
+
+
+def test_ard_margin_pulls_the_edit_input_well_under_tau(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    request = REQUESTS[0]
+    probe = prepare_state(model, tokenizer, hparams_for("llama", sae_dir), progress=False)
+    pair = [(request["prompt"], " " + request["target_new"])]
+    unedited = routing_report(model, tokenizer, {"edit": pair}, with_distances=True)["ard"]["edit"][0]
+    detach_microedit(model)
+    tau = unedited * 0.9  # the unedited input would not be routed
+    hparams = hparams_for("llama", sae_dir, ard_threshold=tau, ard_margin=0.3, stage1_steps=200, stop_prob=0.5)
+    apply_microedit_to_model(model, tokenizer, [request], hparams)
+    state = get_state(model)
+    after = routing_report(model, tokenizer, {"edit": pair}, with_distances=True)
+    assert after["ard"]["edit"][0] <= 0.3 * tau * 1.01
+    assert after["routed_edit"] == 1.0
+    assert state.last_edit_info["steps"][0] < 200  # stage 1 stopped at the margin
+    assert probe is not state

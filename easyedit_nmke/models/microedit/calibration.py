@@ -1,7 +1,8 @@
 """The switch threshold τ: mean ARD of the unedited SAE over ordinary text (the paper's rule).
 
-The value is cached on disk, keyed by the SAE's weights, the model, the corpus
-actually used, the sample count and window length, α and the massive-norm factor.
+ARD is inversely proportional to α, so the cache (keyed by the SAE's weights, the
+model, the corpus actually used, the sample count and window length and the
+massive-norm factor) holds α·τ and changing α costs no recalibration.
 """
 from __future__ import annotations
 
@@ -87,22 +88,23 @@ def calibrate_threshold(
         [
             hparams.model_name,
             _sae_digest(switch.sae),
+            getattr(switch.sae.cfg, "k", None),  # sae_k changes the SAE without changing its weights
             layer_name,
             description,
             hparams.calibration_samples,
             hparams.calibration_max_length,
-            switch.alpha,
             switch.massive_norm_factor,
         ]
     )
     cache = cache_root() / "microedit_calibration" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     if cache.is_file():
-        return float(json.loads(cache.read_text())["threshold"])
+        return float(json.loads(cache.read_text())["alpha_times_threshold"]) / switch.alpha
     windows = corpus_windows(texts(), tok, hparams.calibration_max_length, hparams.calibration_samples)
     if not windows:
         raise ValueError(f"calibration corpus {description!r} gave no text windows")
     values = [v for v in input_ard(model, switch, layer_name, windows, pad_id(tok), progress=progress) if v != float("inf")]
     threshold = float(sum(values) / len(values))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": json.loads(key), "threshold": threshold, "samples": len(values)}, indent=1))
+    record = {"key": json.loads(key), "alpha_times_threshold": threshold * switch.alpha, "samples": len(values)}
+    cache.write_text(json.dumps(record, indent=1))
     return threshold

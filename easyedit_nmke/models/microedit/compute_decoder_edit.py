@@ -104,10 +104,15 @@ def compute_decoder_edit(
     history: List[float] = []
     stage1 = stage2 = 0
     target_prob = 0.0
+    # With the default margin 1.0 the stages run their full step counts (the paper's procedure).
+    ard_goal = hparams.ard_margin * switch.threshold if hparams.ard_margin < 1.0 else None
     try:
         for stage1 in range(1, hparams.stage1_steps + 1):
             optimizer.zero_grad()
             loss = ard()
+            if ard_goal is not None and float(loss.detach()) <= ard_goal:
+                stage1 -= 1
+                break
             loss.backward()
             optimizer.step()
         attention_mask = torch.ones_like(input_ids)
@@ -119,9 +124,11 @@ def compute_decoder_edit(
             token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
             target_prob = float(token_logp.detach().exp().mean())
             history.append(target_prob)
-            if target_prob >= hparams.stop_prob:
+            distance = reconstruction_distance(hidden, state["recon"], ordinary, hparams.ard_alpha)[0]
+            inside = ard_goal is None or float(distance.detach()) <= ard_goal
+            if target_prob >= hparams.stop_prob and inside:
                 break
-            loss = reconstruction_distance(hidden, state["recon"], ordinary, hparams.ard_alpha)[0] - token_logp.mean()
+            loss = distance - token_logp.mean()
             loss.backward()
             optimizer.step()
     finally:

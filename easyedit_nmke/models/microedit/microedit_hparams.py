@@ -62,8 +62,13 @@ class MicroEditHyperParams(PluginHyperParams):
     # Stage 1 ("distance regularisation"): ARD only; stage 2: ARD + edit loss.
     stage1_steps: int = 10
     stage2_steps: int = 40
-    # Stop stage 2 once the mean target-token probability reaches this value.
+    # Stop stage 2 once the mean target-token probability reaches this value (and the
+    # ARD is inside the margin below).
     stop_prob: float = 1.0
+    # Both stages stop pulling the ARD down once it is at most this share of tau: an edit
+    # that ends just under tau drifts above it when later edits move shared decoder rows
+    # and is then no longer routed.  1.0 leaves the step counts alone.
+    ard_margin: float = 1.0
     ard_alpha: float = 600.0
     # tau: route through the SAE when ARD <= tau.  None: calibrate on ordinary text.
     ard_threshold: Optional[float] = None
@@ -124,5 +129,7 @@ class MicroEditHyperParams(PluginHyperParams):
             raise HParamsError(f"ard_threshold must be > 0 (or null to calibrate), got {self.ard_threshold}")
         if self.massive_norm_factor <= 1:
             raise HParamsError(f"massive_norm_factor must be > 1, got {self.massive_norm_factor}")
+        if not 0 < self.ard_margin <= 1:
+            raise HParamsError(f"ard_margin must be in (0, 1], got {self.ard_margin}")
         if not 0 < self.stop_prob <= 1:
             raise HParamsError(f"stop_prob must be in (0, 1], got {self.stop_prob}")
