@@ -316,3 +316,24 @@ def test_ard_margin_pulls_the_edit_input_well_under_tau(tokenizer, sae_dir):
     assert after["routed_edit"] == 1.0
     assert state.last_edit_info["steps"][0] < 200  # stage 1 stopped at the margin
     assert probe is not state
+
+
+def test_constant_norm_rescale_sae_edits_through_the_same_linear_decoder(tokenizer, tmp_path):
+    """SAE-Lens' per-token input normalisation (the Mistral-7B release) keeps ẑ linear in W_dec."""
+    from easyedit_nmke.models.microedit.sae_hook import decoder_output_scale
+
+    torch.manual_seed(0)
+    cfg = sae_lens.TopKSAEConfig(d_in=64, d_sae=128, k=8, normalize_activations="constant_norm_rescale")
+    sae = sae_lens.TopKSAE(cfg)
+    hidden = torch.randn(2, 5, 64) * 7.0
+    acts = sae.encode(hidden)
+    by_hand = (acts @ sae.W_dec + sae.b_dec) * decoder_output_scale(sae, hidden)
+    assert torch.allclose(by_hand, sae.decode(sae.encode(hidden)), atol=1e-5)
+
+    sae.save_model(str(tmp_path / "sae"))
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", tmp_path / "sae")
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    state = get_state(model)
+    assert state.sae.cfg.normalize_activations == "constant_norm_rescale"
+    assert state.last_edit_info["ard_after"] < state.last_edit_info["ard_before"]

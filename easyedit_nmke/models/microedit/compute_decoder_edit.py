@@ -27,7 +27,7 @@ from ...util.model_parts import logits_at
 from ...util.requests import EditRequest, encode, encode_target
 from .activations import ordinary_positions
 from .microedit_hparams import MicroEditHyperParams
-from .sae_hook import SAESwitch, reconstruction_distance
+from .sae_hook import SAESwitch, decoder_output_scale, reconstruction_distance
 
 
 @dataclass
@@ -82,8 +82,11 @@ def compute_decoder_edit(
     new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
     b_dec = sae.b_dec.detach()
 
+    output_scale = decoder_output_scale(sae, hidden)
+
     def reconstruction() -> torch.Tensor:
-        return active_acts @ new_rows + b_dec
+        out = active_acts @ new_rows + b_dec
+        return out if output_scale is None else out * output_scale
 
     def ard() -> torch.Tensor:
         return reconstruction_distance(hidden, reconstruction(), ordinary, hparams.ard_alpha)[0]

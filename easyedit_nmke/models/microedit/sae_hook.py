@@ -29,11 +29,17 @@ from .activations import ordinary_positions
 SWITCH_MODES = ("switch", "always", "off")
 
 
+# Input normalisations under which ẑ stays linear in W_dec: none, or SAE-Lens'
+# per-token "constant_norm_rescale" (x·√d/‖x‖ in, the inverse factor out), which the
+# Mistral-7B release the paper uses applies.
+LINEAR_NORMALISATIONS = ("none", "constant_norm_rescale")
+
+
 def linear_decoder_check(sae: nn.Module) -> None:
-    """MicroEdit needs ẑ = ĥ·W_dec + b_dec with an encoder that does not read W_dec."""
+    """MicroEdit needs ẑ = s(z)·(ĥ·W_dec + b_dec) with an encoder that does not read W_dec."""
     cfg = sae.cfg
     problems = []
-    if getattr(cfg, "normalize_activations", "none") != "none":
+    if getattr(cfg, "normalize_activations", "none") not in LINEAR_NORMALISATIONS:
         problems.append(f"normalize_activations={cfg.normalize_activations!r}")
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         problems.append("rescale_acts_by_decoder_norm=True (the encoder would change with W_dec)")
@@ -41,6 +47,13 @@ def linear_decoder_check(sae: nn.Module) -> None:
         problems.append(f"reshape_activations={cfg.reshape_activations!r}")
     if problems:
         raise ValueError("MicroEdit needs a plain TopK SAE in the residual stream; this one has " + ", ".join(problems))
+
+
+def decoder_output_scale(sae: nn.Module, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-position factor s(z) the SAE applies to ĥ·W_dec + b_dec ([..., 1]); None when 1."""
+    if getattr(sae.cfg, "normalize_activations", "none") == "constant_norm_rescale":
+        return hidden.norm(dim=-1, keepdim=True) / (sae.cfg.d_in**0.5)
+    return None
 
 
 def sae_reconstruction(sae: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
