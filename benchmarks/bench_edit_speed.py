@@ -49,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=0, help="start at this record")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hparam override (both modes)")
     p.add_argument("--no-compare", action="store_true", help="only run the hparams as given (no reference copy)")
+    p.add_argument(
+        "--compare-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compare against these overrides (on top of --set) instead of fast_path=false",
+    )
     p.add_argument("--eval-records", type=int, default=0, help="also time one checkpoint evaluation over this many records")
     p.add_argument("--profile", choices=["cprofile", "torch"], default=None)
     p.add_argument("--allow-stats", action="store_true", help="allow computing missing null-space statistics")
@@ -158,7 +165,10 @@ def main(argv=None) -> Dict[str, Any]:
     stats_files = [] if args.allow_stats else check_stats_cache(model, tok, hparams)
 
     runners = []
-    if not args.no_compare:
+    compare_overrides = parse_overrides(args.compare_set)
+    if compare_overrides and not args.no_compare:
+        runners.append(Runner("variant", copy.deepcopy(model), tok, hparams.replace(**compare_overrides)))
+    elif not args.no_compare:
         reference = hparams.replace(fast_path=False)
         runners.append(Runner("reference", copy.deepcopy(model), tok, reference))
     runners.append(Runner("fast" if hparams.fast_path else "as-given", model, tok, hparams))
@@ -251,6 +261,7 @@ def main(argv=None) -> Dict[str, Any]:
         "data": str(data),
         "skip": args.skip,
         "hparams_overrides": overrides,
+        "compare_overrides": compare_overrides,
         "model_load_seconds": load_seconds,
         "setup_seconds": {r.name: r.setup_seconds for r in runners},
         "stats_files": stats_files,
