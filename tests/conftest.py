@@ -119,3 +119,28 @@ REQUESTS = [
     {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
     {"prompt": "Beethoven's instrument was the", "subject": "Beethoven", "target_new": "guitar"},
 ]
+
+
+def interrupted_on_call(monkeypatch, module, name: str, call: int):
+    """Context manager: ``module.name`` raises KeyboardInterrupt on its ``call``-th call (a killed run)."""
+    import contextlib
+
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def patched():
+        monkeypatch.setattr(module, name, dying)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(module, name, real)
+
+    return patched()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REQUESTS, TEMPLATES, tiny_model
+from conftest import REQUESTS, TEMPLATES, interrupted_on_call, tiny_model
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -278,20 +278,9 @@ def test_lifelong_run_reports_routing_plots_distances_and_resumes(tokenizer, sae
     png = plot_ard_distributions(straight, tmp_path / "ard.png")
     assert png.stat().st_size > 1000
 
-    real_apply = microedit_module.apply_microedit_to_model
-    calls = {"n": 0}
-
-    def dying_apply(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_apply(*args, **kwargs)
-
     work = tmp_path / "work"
-    monkeypatch.setattr(microedit_module, "apply_microedit_to_model", dying_apply)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, microedit_module, "apply_microedit_to_model", 3):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config, work_dir=work)
-    monkeypatch.setattr(microedit_module, "apply_microedit_to_model", real_apply)
     resumed_model = tiny_model("llama", len(tokenizer))
     resumed = run_lifelong(resumed_model, tokenizer, hparams, spec, records, config, work_dir=work).to_dict()
     for key in ("rel", "gen", "loc"):

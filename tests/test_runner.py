@@ -11,7 +11,7 @@ from easyedit_nmke.evaluate.records import DEMO_DATA, EditRecord, load_records, 
 from easyedit_nmke.evaluate.runner import RESULT_KEYS, RunConfig, results_table, run_lifelong
 from easyedit_nmke.methods import load_hparams, method_spec
 
-from conftest import REPO, SHARED_DATA, tiny_hparams, tiny_model
+from conftest import REPO, SHARED_DATA, interrupted_on_call, tiny_hparams, tiny_model
 
 
 def test_demo_set_is_valid_and_large_enough():
@@ -78,20 +78,9 @@ def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkey
     # Killed during the third edit, then resumed from the T=2 checkpoint: same final numbers.
     import easyedit_nmke.models.nmke as nmke_module
 
-    real_apply = nmke_module.apply_nmke_to_model
-    calls = {"n": 0}
-
-    def dying_apply(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_apply(*args, **kwargs)
-
     work = tmp_path / "work"
-    monkeypatch.setattr(nmke_module, "apply_nmke_to_model", dying_apply)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, nmke_module, "apply_nmke_to_model", 3):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
-    monkeypatch.setattr(nmke_module, "apply_nmke_to_model", real_apply)
     with pytest.raises(ValueError, match="another run"):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records[:3], config, work_dir=work)
     resumed_model = tiny_model("llama", len(tokenizer))
