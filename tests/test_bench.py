@@ -7,10 +7,10 @@ an interrupted cell resumes from its checkpoint.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +176,12 @@ def test_bench_smoke_and_resume(setup, tmp_path, monkeypatch, capsys):
     assert [row["T"] for row in resumed["runs"]] == [1, 2]
     assert resumed["general"]["before"] == measured_before  # the unedited model's, kept for the resume
 
+    # Another configuration in the same folder: the cell runs again; its old checkpoint is moved aside.
+    _bench(setup, killed, "NMKE:none", "--set", "L2=2")
+    assert "is from another configuration" in capsys.readouterr().out
+    assert json.loads((killed / "cells" / "zsre-T2__NMKE-none.json").read_text())["hparams"]["L2"] == 2
+    assert list((killed / "work").glob("zsre-T2__NMKE-none.stale-*"))
+
 
 def test_datasets_and_methods(setup, tmp_path, capsys):
     data = setup["data"]
@@ -294,7 +300,7 @@ def no_network(monkeypatch):
     from easyedit_nmke.compat import import_easyeditor
 
     import_easyeditor()
-    import easyeditor.models.rome.layer_stats  # noqa: F401
+    importlib.import_module("easyeditor.models.rome.layer_stats")
 
     def refuse(*args, **kwargs):
         raise AssertionError("tried to download a dataset")

@@ -28,7 +28,6 @@ import gc
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -378,7 +377,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
         stale = work.with_name(f"{work.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"[bench] {name}: the checkpoint in {work} is from another configuration; moved to {stale}")
         (work / "checkpoint").rename(stale)
-        del model
+        model = None
         gc.collect()
         return run_cell(method, dataset, config, single_method, model_loader)
 
