@@ -326,3 +326,49 @@ def test_constant_norm_rescale_sae_edits_through_the_same_linear_decoder(tokeniz
     state = get_state(model)
     assert state.sae.cfg.normalize_activations == "constant_norm_rescale"
     assert state.last_edit_info["ard_after"] < state.last_edit_info["ard_before"]
+
+
+def test_max_latent_density_leaves_dense_latents_untrained(tokenizer, sae_dir, corpus_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("EASYEDIT_NMKE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir, calibration_dataset=str(corpus_file), calibration_samples=12,
+                          calibration_max_length=16, max_latent_density=0.05)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    from easyedit_nmke.models.microedit.activations import ordinary_positions
+    from easyedit_nmke.models.microedit.calibration import block_output_off, latent_density
+    from easyedit_nmke.util.corpus import corpus_windows
+    from easyedit_nmke.util.requests import pad_batch, pad_id
+
+    # The density is the share of the corpus' ordinary tokens each latent fires on.
+    windows = corpus_windows([corpus_file.read_text()], tokenizer, 16, 12)
+    ids, mask = pad_batch(windows, pad_id(tokenizer))
+    hidden = block_output_off(model, state.switch, state.layer_name, ids, mask)
+    with torch.no_grad():
+        acts = state.sae.encode(hidden)[ordinary_positions(hidden, hparams.massive_norm_factor, mask)]
+    expected = (acts != 0).float().mean(0)
+    density = latent_density(model, tokenizer, state.switch, hparams, progress=False)
+    assert torch.allclose(density, expected, atol=1e-6)
+    assert any((tmp_path / "cache" / "microedit_calibration").glob("*-density.safetensors"))
+    dense = density > 0.05
+    assert dense.any() and (~dense).any()
+    assert torch.equal(state.trainable_latents, ~dense)
+
+    w_before = state.sae.W_dec.detach().clone()
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    changed = (state.sae.W_dec != w_before).any(-1)
+    assert changed.any()
+    assert not (changed & dense).any()  # dense latents: rows bitwise unchanged
+    assert not dense[state.edited_latents()].any()
+
+    # No active latent trainable: a clear error, and the decoder is left as it was.
+    from easyedit_nmke.models.microedit.compute_decoder_edit import compute_decoder_edit
+    from easyedit_nmke.util.requests import normalise_requests
+
+    w_after_first = state.sae.W_dec.detach().clone()
+    none_trainable = torch.zeros_like(state.trainable_latents)
+    with pytest.raises(ValueError, match="max_latent_density"):
+        compute_decoder_edit(model, tokenizer, normalise_requests([REQUESTS[1]])[0], hparams, state.switch, none_trainable)
+    assert torch.equal(state.sae.W_dec, w_after_first)
+    # Back to the paper's rule (None): every active latent may train again.
+    prepare_state(model, tokenizer, hparams_for("llama", sae_dir), progress=False)
+    assert state.trainable_latents is None
