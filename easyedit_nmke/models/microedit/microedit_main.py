@@ -81,8 +81,9 @@ def _restrict_trainable(
     if hparams.max_latent_density is None:
         state.trainable_latents = None
         return
-    density = latent_density(model, tok, state.switch, hparams, progress=progress)
-    state.trainable_latents = (density <= hparams.max_latent_density).to(state.sae.W_dec.device)
+    if state.latent_density is None:
+        state.latent_density = latent_density(model, tok, state.switch, hparams, progress=progress)
+    state.trainable_latents = (state.latent_density <= hparams.max_latent_density).to(state.sae.W_dec.device)
 
 
 def execute_microedit(
