@@ -359,9 +359,6 @@ def test_max_latent_density_leaves_dense_latents_untrained(tokenizer, sae_dir, c
     assert changed.any()
     assert not (changed & dense).any()  # dense latents: rows bitwise unchanged
     assert not dense[state.edited_latents()].any()
-    apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams)
-    # Edits change W_dec only: the density is neither recomputed nor cached again.
-    assert len(list((tmp_path / "cache" / "microedit_calibration").glob("*-density.safetensors"))) == 1
 
     # No active latent trainable: a clear error, and the decoder is left as it was.
     from easyedit_nmke.models.microedit.compute_decoder_edit import compute_decoder_edit

@@ -64,9 +64,9 @@ def input_ard(
     return values
 
 
-def _sae_digest(sae: nn.Module, names: Sequence[str] = ("W_enc", "b_enc", "W_dec", "b_dec")) -> str:
+def _sae_digest(sae: nn.Module) -> str:
     digest = hashlib.sha1()
-    for name in names:
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         tensor = getattr(sae, name).detach().float().cpu()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
@@ -144,8 +144,6 @@ def latent_density(
     so it is computed once per SAE and cached beside τ.
     """
     layer_name, key, windows = _calibration_corpus(model, tok, switch, hparams)
-    # Keyed by the encoder alone: edits change W_dec, not which latents fire.
-    key[1] = _sae_digest(switch.sae, ("W_enc", "b_enc"))
     cache = _cache_path(key, "-density.safetensors")
     if cache.is_file():
         return load_file(str(cache))["density"]

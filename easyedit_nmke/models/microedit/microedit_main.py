@@ -81,9 +81,8 @@ def _restrict_trainable(
     if hparams.max_latent_density is None:
         state.trainable_latents = None
         return
-    if state.latent_density is None:
-        state.latent_density = latent_density(model, tok, state.switch, hparams, progress=progress)
-    state.trainable_latents = (state.latent_density <= hparams.max_latent_density).to(state.sae.W_dec.device)
+    density = latent_density(model, tok, state.switch, hparams, progress=progress)
+    state.trainable_latents = (density <= hparams.max_latent_density).to(state.sae.W_dec.device)
 
 
 def execute_microedit(

@@ -32,10 +32,8 @@ class MicroEditState:
     switch: SAESwitch
     sae_source: str  # where the SAE came from (path or release/id), for checks on load
     original_rows: Dict[int, torch.Tensor] = field(default_factory=dict)  # latent -> row before any edit
-    # Firing density of each latent on the calibration corpus and the latents an edit may
-    # train (max_latent_density; None: all).  Both follow from the encoder, which edits
-    # never change, so they are computed (or read from the cache) at prepare time, not saved.
-    latent_density: Optional[torch.Tensor] = None
+    # [d_sae] bool: latents an edit may train (max_latent_density); None: all.  Derived from
+    # the unedited encoder at prepare time, so not saved.
     trainable_latents: Optional[torch.Tensor] = None
     num_edits: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
