@@ -16,7 +16,7 @@ positions whose routing is later decided.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
@@ -59,9 +59,7 @@ def compute_decoder_edit(
     request: EditRequest,
     hparams: MicroEditHyperParams,
     switch: SAESwitch,
-    trainable: Optional[torch.Tensor] = None,
 ) -> DecoderEdit:
-    """Train the rows of the latents active on the edit input (only those in ``trainable``, if given)."""
     sae = switch.sae
     device = sae.W_dec.device
     layer_name = hparams.layer_module_tmp.format(hparams.layer)
@@ -77,13 +75,9 @@ def compute_decoder_edit(
     ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
     with torch.no_grad():
         acts = sae.encode(hidden)  # [1, seq, d_sae]; fixed: the encoder does not read W_dec
-    active = (acts[ordinary] != 0).any(0)
-    if trainable is not None:
-        active &= trainable
-    latents = active.nonzero().squeeze(1)
+    latents = (acts[ordinary] != 0).any(0).nonzero().squeeze(1)
     if latents.numel() == 0:
-        which = "under max_latent_density " if trainable is not None else ""
-        raise ValueError(f"no SAE latent {which}is active on the edit prompt {request.prompt!r}")
+        raise ValueError(f"no SAE latent is active on the edit prompt {request.prompt!r}")
     active_acts = acts[..., latents]
     new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
     b_dec = sae.b_dec.detach()

@@ -70,12 +70,6 @@ class MicroEditHyperParams(PluginHyperParams):
     # and is then no longer routed.  1.0 leaves the step counts alone.
     ard_margin: float = 1.0
     ard_alpha: float = 600.0
-    # Project extension (not in the paper, which trains every active latent): latents
-    # that fire on more than this share of ordinary tokens (measured on the calibration
-    # corpus) are left out of the trained rows.  Such dense latents are active on almost
-    # every prompt, so training them lets each edit move the reconstruction of earlier
-    # edits' prompts.  None trains every active latent.
-    max_latent_density: Optional[float] = None
     # tau: route through the SAE when ARD <= tau.  None: calibrate on ordinary text.
     ard_threshold: Optional[float] = None
     calibration_samples: int = 1000
@@ -135,8 +129,6 @@ class MicroEditHyperParams(PluginHyperParams):
             raise HParamsError(f"ard_threshold must be > 0 (or null to calibrate), got {self.ard_threshold}")
         if self.massive_norm_factor <= 1:
             raise HParamsError(f"massive_norm_factor must be > 1, got {self.massive_norm_factor}")
-        if self.max_latent_density is not None and not 0 < self.max_latent_density <= 1:
-            raise HParamsError(f"max_latent_density must be in (0, 1] (or null), got {self.max_latent_density}")
         if not 0 < self.ard_margin <= 1:
             raise HParamsError(f"ard_margin must be in (0, 1], got {self.ard_margin}")
         if not 0 < self.stop_prob <= 1:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...compat import weights_copy_for_easyeditor
 from ...util.requests import EditRequest, continuation, encode, encode_target, normalise_requests, pad_id
-from .calibration import calibrate_threshold, input_ard, latent_density
+from .calibration import calibrate_threshold, input_ard
 from .compute_decoder_edit import compute_decoder_edit
 from .microedit_hparams import MicroEditHyperParams
 from .sae_hook import SAESwitch
@@ -49,7 +49,6 @@ def prepare_state(
             )
         if hparams.ard_threshold is not None:
             state.switch.threshold = hparams.ard_threshold
-        _restrict_trainable(model, tok, state, hparams, progress)
         return state
     check_layer(model, hparams)
     device = next(model.parameters()).device
@@ -67,22 +66,11 @@ def prepare_state(
             if hparams.ard_threshold is not None
             else calibrate_threshold(model, tok, switch, hparams, progress=progress)
         )
-        _restrict_trainable(model, tok, state, hparams, progress)
         state.last_edit_info["calibration_seconds"] = time.perf_counter() - start
     except BaseException:
         detach_microedit(model)
         raise
     return state
-
-
-def _restrict_trainable(
-    model: nn.Module, tok: PreTrainedTokenizerBase, state: MicroEditState, hparams: MicroEditHyperParams, progress: bool
-) -> None:
-    if hparams.max_latent_density is None:
-        state.trainable_latents = None
-        return
-    density = latent_density(model, tok, state.switch, hparams, progress=progress)
-    state.trainable_latents = (density <= hparams.max_latent_density).to(state.sae.W_dec.device)
 
 
 def execute_microedit(
@@ -95,7 +83,7 @@ def execute_microedit(
     """Apply ``requests`` one after another (batch size 1, as in the paper)."""
     for request in requests:
         start = time.perf_counter()
-        edit = compute_decoder_edit(model, tok, request, hparams, state.switch, state.trainable_latents)
+        edit = compute_decoder_edit(model, tok, request, hparams, state.switch)
         state.remember_originals(edit.latents)
         with torch.no_grad():
             state.sae.W_dec[edit.latents] = edit.rows.to(state.sae.W_dec.dtype)

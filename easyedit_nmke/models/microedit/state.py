@@ -32,9 +32,6 @@ class MicroEditState:
     switch: SAESwitch
     sae_source: str  # where the SAE came from (path or release/id), for checks on load
     original_rows: Dict[int, torch.Tensor] = field(default_factory=dict)  # latent -> row before any edit
-    # [d_sae] bool: latents an edit may train (max_latent_density); None: all.  Derived from
-    # the unedited encoder at prepare time, so not saved.
-    trainable_latents: Optional[torch.Tensor] = None
     num_edits: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
     last_edit_info: Dict[str, Any] = field(default_factory=dict, repr=False)
