@@ -289,6 +289,23 @@ def test_lifelong_run_reports_routing_plots_distances_and_resumes(tokenizer, sae
     assert resumed["routing_before"] == straight["routing_before"]
 
 
+def test_locality_reference_is_the_model_before_the_sae_was_hooked(tokenizer, sae_dir):
+    from easyedit_nmke.evaluate import metrics
+    from easyedit_nmke.evaluate.records import load_records
+    from easyedit_nmke.evaluate.runner import RunConfig, run_lifelong
+    from easyedit_nmke.methods import method_spec
+
+    records = load_records([], limit=2)
+    pairs = [(r.locality_prompt, r.locality_answer) for r in records]
+    reference = metrics.answer_predictions(tiny_model("llama", len(tokenizer)), tokenizer, pairs)
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir, stage2_steps=2)  # tau 1e9: locality inputs go through the SAE too
+    result = run_lifelong(model, tokenizer, hparams, method_spec("MicroEdit"), records, RunConfig(eval_at=[2], progress=False))
+    expected = metrics.mean(metrics.locality_agreement(model, tokenizer, pairs, reference))
+    assert result.runs[-1]["loc"] == pytest.approx(expected, abs=1e-9)
+    assert expected < 1.0  # routing them through the (random) SAE is counted as damage
+
+
 def test_ard_margin_pulls_the_edit_input_well_under_tau(tokenizer, sae_dir):
     model = tiny_model("llama", len(tokenizer))
     request = REQUESTS[0]

@@ -178,8 +178,11 @@ class _Checkpointer:
             shutil.rmtree(final)
         tmp.rename(final)
 
+    def exists(self) -> bool:
+        return self.directory is not None and (self.directory / "checkpoint" / "progress.json").is_file()
+
     def restore(self, model: nn.Module, n_records: int):
-        if self.directory is None or not (self.directory / "checkpoint" / "progress.json").is_file():
+        if not self.exists():
             return None
         ckpt = self.directory / "checkpoint"
         progress = json.loads((ckpt / "progress.json").read_text())
@@ -220,7 +223,17 @@ def run_lifelong(
         env=environment(),
     )
     checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records)
-    # Prepare first: a method may add the modules its saved state is restored into (MicroEdit's SAE).
+    references: List[Optional[torch.Tensor]] = [None] * n
+    if not checkpointer.exists():
+        # Locality is measured against the model as it came, before the method's prepare
+        # step may change its outputs (MicroEdit routes some inputs through an unedited SAE).
+        loc_idx = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
+        preds = metrics.answer_predictions(
+            model, tok, [(records[i].locality_prompt, records[i].locality_answer) for i in loc_idx], config.batch_size
+        )
+        for i, p in zip(loc_idx, preds):
+            references[i] = p
+    # Prepare before restoring: a method may add the modules its saved state goes into (MicroEdit's SAE).
     start = time.perf_counter()
     spec.prepare(model, tok, hparams)
     result.extra["setup_seconds"] = time.perf_counter() - start
@@ -236,13 +249,6 @@ def run_lifelong(
         print(f"[easyedit-nmke] resuming from checkpoint after {done} edits in {work_dir}")
     else:
         done, edit_seconds = 0, 0.0
-        loc_idx = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
-        preds = metrics.answer_predictions(
-            model, tok, [(records[i].locality_prompt, records[i].locality_answer) for i in loc_idx], config.batch_size
-        )
-        references: List[Optional[torch.Tensor]] = [None] * n
-        for i, p in zip(loc_idx, preds):
-            references[i] = p
 
     if config.record_distances and done == 0:
         before = spec.checkpoint_report(model, tok, evaluation_groups(records), with_distances=True)
