@@ -1,0 +1,124 @@
+"""Where MicroEdit's lifelong reliability goes: routing versus what the edited SAE holds.
+
+Loads the default model with its MicroEdit SAE, then a runner checkpoint (``--work-dir``
+of an ``easyedit-nmke edit`` run), and scores the first ``--records`` records three ways:
+
+* ARD of the edit, rephrase and locality inputs (prompt + teacher-forced answer, as the
+  metrics feed them) with the unedited and with the edited SAE, and the share of each
+  group under several multiples of τ;
+* Rel/Gen with the edited SAE always applied (``mode always``): what the decoder holds
+  regardless of routing;
+* Loc with the SAE always applied, unedited and edited: what routing a locality
+  question through the SAE would cost.
+
+    EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/microedit_routing_diagnostics.py \\
+        --work-dir runs/microedit-zsre100 --records 50 --out benchmarks/results/microedit_routing_T50.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TAU_MULTIPLES = (1.0, 1.1, 1.2, 1.3, 1.5)
+
+
+def quantiles(values, qs=(0.1, 0.5, 0.9)):
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"q{int(q * 100)}": float(torch.quantile(t, q)) for q in qs}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hparams", type=Path, default=REPO / "hparams/MicroEdit/smollm2-135m.yaml")
+    p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
+    p.add_argument("--work-dir", type=Path, required=True, help="work dir of the run whose checkpoint to load")
+    p.add_argument("--num-edits", type=int, default=100, help="--num-edits of that run (its checkpoint fingerprint)")
+    p.add_argument("--records", type=int, default=50, help="score the first N records (<= edits done)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from easyedit_nmke.evaluate import metrics
+    from easyedit_nmke.evaluate.records import load_records
+    from easyedit_nmke.evaluate.runner import _Checkpointer, evaluation_groups
+    from easyedit_nmke.methods import METHODS
+    from easyedit_nmke.models.microedit.state import get_state
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+
+    if args.data is None and not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
+        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file and the calibration corpus) or pass --data")
+    data = args.data or Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+    spec = METHODS["MicroEdit"]
+    hparams = spec.hparams_cls.from_hparams(args.hparams)
+    model, tok = load_model_and_tokenizer(hparams.model_name)
+    all_records = load_records([data], limit=args.num_edits)
+    records = all_records[: args.records]
+    spec.prepare(model, tok, hparams)
+    state = get_state(model)
+    groups = evaluation_groups(records)
+    edit_pairs, gen_pairs, loc_pairs = groups["edit"], groups["gen"], groups["loc"]
+
+    with state.switch.mode_set("off"):
+        loc_reference = metrics.answer_predictions(model, tok, loc_pairs, 16)
+    before = spec.checkpoint_report(model, tok, groups, with_distances=True)
+    with state.switch.mode_set("always"):
+        loc_always_unedited = metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference))
+
+    restored = _Checkpointer(args.work_dir, spec, hparams, all_records).restore(model, len(all_records))
+    if restored is None:
+        raise SystemExit(f"no checkpoint in {args.work_dir}")
+    done = restored[0]["done"]
+    if done < args.records:
+        raise SystemExit(f"the checkpoint holds {done} edits, fewer than --records {args.records}")
+    after = spec.checkpoint_report(model, tok, groups, with_distances=True)
+    with state.switch.mode_set("always"):
+        always = {
+            "rel": metrics.mean(metrics.token_accuracy(model, tok, edit_pairs)),
+            "gen": metrics.mean(metrics.token_accuracy(model, tok, gen_pairs)),
+            "loc_unedited_sae": loc_always_unedited,
+            "loc_edited_sae": metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference)),
+        }
+    tau = state.threshold
+    result = {
+        "command": "EASYEDIT_NMKE_DATA_DIR=" + shlex.quote(os.environ.get("EASYEDIT_NMKE_DATA_DIR", ""))
+        + " python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "data": str(data),
+        "checkpoint_edits": done,
+        "records_scored": len(records),
+        "tau": tau,
+        "ard": {
+            which: {name: quantiles(report["ard"][name]) for name in ("edit", "gen", "loc")}
+            for which, report in (("unedited", before), ("edited", after))
+        },
+        "routed_share": {
+            which: {
+                f"{m:g}tau": {
+                    name: sum(v <= m * tau for v in report["ard"][name]) / len(report["ard"][name])
+                    for name in ("edit", "gen", "loc")
+                }
+                for m in TAU_MULTIPLES
+            }
+            for which, report in (("unedited", before), ("edited", after))
+        },
+        "sae_always_on": always,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
