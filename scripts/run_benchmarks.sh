@@ -19,7 +19,8 @@
 # Environment: OUT (default runs/bench), THREADS torch threads per cell (default 1),
 # JOBS cells run at the same time (default 1; with 2 cores, JOBS=2 THREADS=1),
 # EASYEDIT_NMKE_DATA_DIR (default ../shared/data), PYTHON (default python),
-# EXTRA extra flags for every cell (e.g. "--mmlu-n 200").
+# EXTRA extra flags for every cell (e.g. "--mmlu-n 200"), ONLY a space-separated list of
+# methods to keep from the chosen groups (e.g. ONLY="NMKE:general FT").
 # Outputs: $OUT/cells/*.json (one per cell), $OUT/results.md, $OUT/plots/*.png,
 # $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints).
 # Cost per edit on the 2-core dev machine, one thread per cell, other core busy: NMKE
@@ -34,6 +35,7 @@ THREADS=${THREADS:-1}
 JOBS=${JOBS:-1}
 PY=${PYTHON:-python}
 EXTRA=${EXTRA:-}
+ONLY=${ONLY:-}
 export EASYEDIT_NMKE_DATA_DIR=${EASYEDIT_NMKE_DATA_DIR:-../shared/data}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT/logs"
@@ -74,8 +76,15 @@ run_cell() {
 export -f run_cell
 export OUT THREADS PY EXTRA
 
+keep_cell() {
+  local method=${1##* } m
+  [ -z "$ONLY" ] && return 0
+  for m in $ONLY; do [ "$m" = "$method" ] && return 0; done
+  return 1
+}
+
 for group in "${GROUPS_TO_RUN[@]}"; do
   cells "$group" || exit 1
-done | xargs -P "$JOBS" -L 1 bash -c 'run_cell "$0" "$1" "$2" "$3"'
+done | while read -r line; do keep_cell "$line" && echo "$line"; done | xargs -P "$JOBS" -L 1 bash -c 'run_cell "$0" "$1" "$2" "$3"'
 
 "$PY" -m easyedit_nmke bench --report-only --out "$OUT"
