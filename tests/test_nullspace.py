@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from easyedit_nmke.models.nmke.nullspace import key_second_moments, null_space_projector, resolve_corpus
+from easyedit_nmke.models.nmke.nullspace import (
+    key_second_moments,
+    null_space_basis,
+    null_space_projector,
+    resolve_corpus,
+    solve_in_null_space,
+)
 
 from conftest import tiny_hparams, tiny_model
 
@@ -19,6 +25,26 @@ def test_projector_keeps_exactly_the_small_eigen_directions():
     assert round(float(p.trace())) == 4
     torch.testing.assert_close(p @ basis[:, :4], torch.zeros(8, 4), atol=1e-5, rtol=0)  # used directions removed
     torch.testing.assert_close(p @ basis[:, 4:], basis[:, 4:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("l2", [1.0, 0.1])
+def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
+    # The reduced r x r system must give AlphaEdit's (P(K Kᵀ + C) + l2·I)⁻¹ P K.  (Both are
+    # formed from fp32 inputs, so l2 is kept where the system's condition number is < 1e4.)
+    torch.manual_seed(1)
+    n, n_keys = 40, 3
+    corpus = torch.randn(n, 25) * torch.linspace(0.05, 3.0, 25)
+    mom2 = corpus @ corpus.T / 25
+    past = torch.randn(n, 6)
+    cache, keys = past @ past.T, torch.randn(n, n_keys)
+    p = null_space_projector(mom2, 0.02).double()
+    lhs = p @ (keys.double() @ keys.double().T + cache.double()) + l2 * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.solve(lhs, p @ keys.double()).float()
+    basis = null_space_basis(mom2, 0.02)
+    assert 0 < basis.shape[1] < n
+    got = solve_in_null_space(basis, cache, keys, l2)
+    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+    torch.testing.assert_close(p.float() @ got, got, atol=1e-5, rtol=0)  # lies in the null space
 
 
 def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):

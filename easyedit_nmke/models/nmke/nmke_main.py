@@ -42,7 +42,7 @@ from .compute_ks import (
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
-from .nullspace import key_second_moments, null_space_projector
+from .nullspace import key_second_moments, null_space_basis, null_space_projector, solve_in_null_space
 from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -365,13 +365,9 @@ def _masked_update_coefficients(
     """
     index = keep.nonzero().squeeze(1).to(keys.device)
     moments = state.key_moments[layer]
-    projector = null_space_projector(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
-    keys_s = keys[index]
-    projected_keys = projector @ keys_s
-    lhs = projector @ (keys_s @ keys_s.T + state.key_cache[layer][index][:, index])
-    lhs.diagonal().add_(hparams.L2)
+    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    coeffs[index] = torch.linalg.solve(lhs.double(), projected_keys.double()).float()
+    coeffs[index] = solve_in_null_space(basis, state.key_cache[layer][index][:, index], keys[index], hparams.L2)
     return coeffs
 
 

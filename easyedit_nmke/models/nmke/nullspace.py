@@ -114,8 +114,36 @@ def key_second_moments(
     return result
 
 
+def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis [n, r] of the eigen-directions of ``mom2`` with eigenvalue below ``threshold``.
+
+    The eigen-decomposition runs in fp64: in fp32 the basis leaks ~1e-4 of the update
+    into the preserved directions when eigenvalues cluster near the threshold.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(mom2.double())
+    return eigenvectors[:, eigenvalues < threshold].float()
+
+
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
     """Projector onto the eigen-directions of ``mom2`` with eigenvalue below ``threshold``."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(mom2.double())
-    basis = eigenvectors[:, eigenvalues < threshold]
+    basis = null_space_basis(mom2, threshold).double()
     return (basis @ basis.T).float()
+
+
+def solve_in_null_space(basis: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
+    """AlphaEdit's x = (P(K Kᵀ + C) + l2·I)⁻¹ P K, solved in the coordinates of P's basis B.
+
+    With P = B Bᵀ, x lies in range(B) (l2·x = P(K − (K Kᵀ + C)x)), so x = B y with
+    (Bᵀ(K Kᵀ + C)B + l2·I) y = Bᵀ K: an r × r symmetric positive-definite system
+    (Cholesky) instead of a general n × n one.  Returns x, [n, n_keys].
+    """
+    basis_keys = basis.T @ keys  # [r, n_keys]
+    lhs = basis.T @ (cache @ basis) + basis_keys @ basis_keys.T
+    lhs.diagonal().add_(l2)
+    lhs = lhs.double()
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) != 0:  # not positive definite to working precision (e.g. l2 = 0 and rank-deficient)
+        y = torch.linalg.solve(lhs, basis_keys.double())
+    else:
+        y = torch.cholesky_solve(basis_keys.double(), factor)
+    return basis @ y.float()
