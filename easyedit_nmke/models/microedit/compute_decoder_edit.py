@@ -53,6 +53,53 @@ def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, swi
     return record[layer_name]
 
 
+@dataclass
+class EditInput:
+    """The edit's input sequence (prompt + teacher-forced target) and its SAE latents."""
+
+    input_ids: torch.Tensor  # [1, seq]
+    rows: torch.Tensor  # batch index of each target position (all 0)
+    cols: torch.Tensor  # positions whose next-token prediction is a target token
+    targets: torch.Tensor  # [n_target] target token ids
+    hidden: torch.Tensor  # [1, seq, d_in] block output z, in the SAE's dtype
+    ordinary: torch.Tensor  # [1, seq] positions the switch may route (no massive-norm tokens)
+    acts: torch.Tensor  # [1, seq, d_sae] latent activations ĥ
+    latents: torch.Tensor  # [n_active] latents active on an ordinary position
+
+
+def edit_input(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: MicroEditHyperParams,
+    switch: SAESwitch,
+) -> EditInput:
+    """Run the model to the hooked block on the edit's input and find the latents an edit trains."""
+    sae = switch.sae
+    device = sae.W_dec.device
+    layer_name = hparams.layer_module_tmp.format(hparams.layer)
+    prompt_ids = encode(tok, request.prompt)
+    target_ids = encode_target(tok, request.target)
+    input_ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
+    hidden = block_output(model, layer_name, input_ids, switch).to(sae.W_dec.dtype)
+    ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
+    with torch.no_grad():
+        acts = sae.encode(hidden)  # [1, seq, d_sae]; fixed: the encoder does not read W_dec
+    latents = (acts[ordinary] != 0).any(0).nonzero().squeeze(1)
+    if latents.numel() == 0:
+        raise ValueError(f"no SAE latent is active on the edit prompt {request.prompt!r}")
+    return EditInput(
+        input_ids=input_ids,
+        rows=torch.zeros(len(target_ids), dtype=torch.long, device=device),
+        cols=torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device),
+        targets=torch.tensor(target_ids, device=device),
+        hidden=hidden,
+        ordinary=ordinary,
+        acts=acts,
+        latents=latents,
+    )
+
+
 def compute_decoder_edit(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -61,23 +108,10 @@ def compute_decoder_edit(
     switch: SAESwitch,
 ) -> DecoderEdit:
     sae = switch.sae
-    device = sae.W_dec.device
     layer_name = hparams.layer_module_tmp.format(hparams.layer)
-    prompt_ids = encode(tok, request.prompt)
-    target_ids = encode_target(tok, request.target)
-    input_ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
-    rows = torch.zeros(len(target_ids), dtype=torch.long, device=device)
-    cols = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device)
-    targets = torch.tensor(target_ids, device=device)
-
-    z = block_output(model, layer_name, input_ids, switch)
-    hidden = z.to(sae.W_dec.dtype)
-    ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
-    with torch.no_grad():
-        acts = sae.encode(hidden)  # [1, seq, d_sae]; fixed: the encoder does not read W_dec
-    latents = (acts[ordinary] != 0).any(0).nonzero().squeeze(1)
-    if latents.numel() == 0:
-        raise ValueError(f"no SAE latent is active on the edit prompt {request.prompt!r}")
+    inputs = edit_input(model, tok, request, hparams, switch)
+    input_ids, rows, cols, targets = inputs.input_ids, inputs.rows, inputs.cols, inputs.targets
+    hidden, ordinary, acts, latents = inputs.hidden, inputs.ordinary, inputs.acts, inputs.latents
     active_acts = acts[..., latents]
     new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
     b_dec = sae.b_dec.detach()

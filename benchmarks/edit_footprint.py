@@ -1,0 +1,154 @@
+"""How much an edit can touch that it should not: two measurements behind README figures.
+
+``nullspace``: for NMKE's edit layers, the share of key energy that lies in the
+null-space basis the update is confined to (eigen-directions of the corpus second
+moment below ``nullspace_threshold``).  An update in that basis leaves a key k unchanged
+only as far as ‖Bᵀk‖² / ‖k‖² is small, so this is the exposure of
+(a) the corpus keys themselves, trace(BᵀΣB) / trace(Σ), and
+(b) the keys of the ZsRE locality questions (every position of prompt + answer, as the
+Loc metric feeds them).
+
+``sae-rows``: for MicroEdit, the decoder rows each edit trains (the latents active on
+its prompt + target) and how much two edits' row sets overlap — rows shared by edits
+are retrained by the later one.
+
+    EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py nullspace \\
+        --records 100 --out benchmarks/results/nullspace_energy.json
+    EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py sae-rows \\
+        --records 100 --out benchmarks/results/microedit_row_overlap.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _records(args) -> list:
+    from easyedit_nmke.evaluate.records import load_records
+
+    if args.data is None and not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
+        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file) or pass --data")
+    data = args.data or Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+    return load_records([data], limit=args.records)
+
+
+def nullspace_energy(args) -> Dict:
+    from easyedit_nmke.models.nmke.nmke_hparams import NMKEHyperParams
+    from easyedit_nmke.models.nmke.nullspace import key_second_moments, null_space_basis
+    from easyedit_nmke.util import nethook
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+    from easyedit_nmke.util.requests import continuation, encode, encode_target
+
+    hparams = NMKEHyperParams.from_hparams(args.hparams)
+    model, tok = load_model_and_tokenizer(hparams.model_name)
+    layers = list(hparams.layers)
+    moments = key_second_moments(model, tok, hparams, layers)
+    bases = {layer: null_space_basis(moments[layer], hparams.nullspace_threshold) for layer in layers}
+    names = {layer: hparams.rewrite_module_tmp.format(layer) for layer in layers}
+    question_total = {layer: 0.0 for layer in layers}
+    question_kept = {layer: 0.0 for layer in layers}
+    records = [r for r in _records(args) if r.locality_prompt and r.locality_answer]
+    for record in records:
+        ids = encode(tok, record.locality_prompt) + encode_target(tok, continuation(record.locality_answer))
+        input_ids = torch.tensor([ids])
+        with torch.no_grad(), nethook.capture(model, list(names.values()), inputs=True) as captured:
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        for layer, name in names.items():
+            keys = captured[name][0].float()  # [seq, d_ff]
+            question_total[layer] += float((keys**2).sum())
+            question_kept[layer] += float(((keys @ bases[layer]) ** 2).sum())
+    per_layer = {}
+    for layer in layers:
+        basis, mom2 = bases[layer], moments[layer].float()
+        per_layer[str(layer)] = {
+            "null_space_dims": basis.shape[1],
+            "key_dims": basis.shape[0],
+            "corpus_energy_in_null_space": float((basis.T @ mom2 @ basis).trace() / mom2.trace()),
+            "locality_question_energy_in_null_space": question_kept[layer] / question_total[layer],
+        }
+    return {
+        "hparams": str(args.hparams),
+        "nullspace_threshold": hparams.nullspace_threshold,
+        "mom2_dataset": hparams.mom2_dataset,
+        "locality_questions": len(records),
+        "layers": per_layer,
+    }
+
+
+def sae_row_overlap(args) -> Dict:
+    from easyedit_nmke.methods import METHODS
+    from easyedit_nmke.models.microedit.compute_decoder_edit import edit_input
+    from easyedit_nmke.models.microedit.state import get_state
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+    from easyedit_nmke.util.requests import normalise_request
+
+    spec = METHODS["MicroEdit"]
+    hparams = spec.hparams_cls.from_hparams(args.hparams)
+    model, tok = load_model_and_tokenizer(hparams.model_name)
+    spec.prepare(model, tok, hparams)
+    switch = get_state(model).switch
+    rows: List[set] = []
+    for record in _records(args):
+        request = normalise_request(record.request())
+        rows.append(set(edit_input(model, tok, request, hparams, switch).latents.tolist()))
+    pairs = list(itertools.combinations(range(len(rows)), 2))
+    shared = [len(rows[i] & rows[j]) for i, j in pairs]
+    sizes = torch.tensor([len(r) for r in rows], dtype=torch.float64)
+    return {
+        "hparams": str(args.hparams),
+        "d_sae": int(switch.sae.W_dec.shape[0]),
+        "edits": len(rows),
+        "rows_per_edit": {"mean": float(sizes.mean()), "min": int(sizes.min()), "max": int(sizes.max())},
+        # share of an edit's rows that another given edit also trains, averaged over ordered pairs
+        "mean_pairwise_shared_share": sum(s / len(rows[i]) + s / len(rows[j]) for s, (i, j) in zip(shared, pairs))
+        / (2 * len(pairs)),
+        "mean_pairwise_jaccard": sum(s / len(rows[i] | rows[j]) for s, (i, j) in zip(shared, pairs)) / len(pairs),
+        # rows trained by at least one other edit of the sequence
+        "share_of_rows_also_trained_by_another_edit": float(
+            sum(len(r & set().union(*(rows[:k] + rows[k + 1 :]))) for k, r in enumerate(rows)) / sizes.sum()
+        ),
+        "distinct_rows_trained": len(set().union(*rows)),
+    }
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["nullspace", "sae-rows"])
+    p.add_argument("--hparams", type=Path, default=None, help="default: the method's SmolLM2 YAML")
+    p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
+    p.add_argument("--records", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.hparams is None:
+        method = "NMKE" if args.what == "nullspace" else "MicroEdit"
+        args.hparams = REPO / f"hparams/{method}/smollm2-135m.yaml"
+    result = nullspace_energy(args) if args.what == "nullspace" else sae_row_overlap(args)
+    result["command"] = (
+        "EASYEDIT_NMKE_DATA_DIR="
+        + shlex.quote(os.environ.get("EASYEDIT_NMKE_DATA_DIR", ""))
+        + " python "
+        + " ".join(shlex.quote(a) for a in sys.argv)
+    )
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
