@@ -44,13 +44,13 @@ def _records(args) -> list:
 
 
 def nullspace_energy(args) -> Dict:
-    from easyedit_nmke.models.nmke.nmke_hparams import NMKEHyperParams
+    from easyedit_nmke.methods import load_hparams
     from easyedit_nmke.models.nmke.nullspace import key_second_moments, null_space_basis
     from easyedit_nmke.util import nethook
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
     from easyedit_nmke.util.requests import continuation, encode, encode_target
 
-    hparams = NMKEHyperParams.from_hparams(args.hparams)
+    hparams = load_hparams(args.hparams, args.overrides)
     model, tok = load_model_and_tokenizer(hparams.model_name)
     layers = list(hparams.layers)
     moments = key_second_moments(model, tok, hparams, layers)
@@ -81,20 +81,21 @@ def nullspace_energy(args) -> Dict:
         "hparams": str(args.hparams),
         "nullspace_threshold": hparams.nullspace_threshold,
         "mom2_dataset": hparams.mom2_dataset,
+        "overrides": args.overrides,
         "locality_questions": len(records),
         "layers": per_layer,
     }
 
 
 def sae_row_overlap(args) -> Dict:
-    from easyedit_nmke.methods import METHODS
+    from easyedit_nmke.methods import METHODS, load_hparams
     from easyedit_nmke.models.microedit.compute_decoder_edit import edit_input
     from easyedit_nmke.models.microedit.state import get_state
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
     from easyedit_nmke.util.requests import normalise_request
 
     spec = METHODS["MicroEdit"]
-    hparams = spec.hparams_cls.from_hparams(args.hparams)
+    hparams = load_hparams(args.hparams, args.overrides)
     model, tok = load_model_and_tokenizer(hparams.model_name)
     spec.prepare(model, tok, hparams)
     switch = get_state(model).switch
@@ -128,10 +129,14 @@ def main(argv=None) -> Dict:
     p.add_argument("--hparams", type=Path, default=None, help="default: the method's SmolLM2 YAML")
     p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
     p.add_argument("--records", type=int, default=100)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from easyedit_nmke.cli import parse_overrides
+
+    args.overrides = parse_overrides(args.overrides)
     if args.hparams is None:
         method = "NMKE" if args.what == "nullspace" else "MicroEdit"
         args.hparams = REPO / f"hparams/{method}/smollm2-135m.yaml"

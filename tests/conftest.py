@@ -144,3 +144,22 @@ def interrupted_on_call(monkeypatch, module, name: str, call: int):
             monkeypatch.setattr(module, name, real)
 
     return patched()
+
+
+def smollm2_zsre_run(method: str, num_edits: int = 10, needs_wikitext: bool = False):
+    """(hparams, model, last result row) of ``num_edits`` sequential ZsRE dev edits on SmolLM2
+    with the method's shipped YAML; skips the test when the shared data is missing."""
+    data = SHARED_DATA / "zsre_mend_eval_portability_gpt4.dev.json"
+    if not data.is_file() or (needs_wikitext and not (SHARED_DATA / "wikitext-2").is_dir()):
+        pytest.skip(f"ZsRE dev data or WikiText-2 not under {SHARED_DATA} (set EASYEDIT_NMKE_DATA_DIR)")
+    from easyedit_nmke.evaluate.records import load_records
+    from easyedit_nmke.evaluate.runner import RunConfig, run_lifelong
+    from easyedit_nmke.methods import load_hparams, method_spec
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+
+    hparams = load_hparams(REPO / f"hparams/{method}/smollm2-135m.yaml")
+    model, tok = load_model_and_tokenizer(hparams.model_name)
+    records = load_records([data], limit=num_edits)
+    config = RunConfig(eval_at=[num_edits], progress=False)
+    result = run_lifelong(model, tok, hparams, method_spec(method), records, config)
+    return hparams, model, result.runs[-1]

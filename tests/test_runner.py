@@ -11,7 +11,7 @@ from easyedit_nmke.evaluate.records import DEMO_DATA, EditRecord, load_records, 
 from easyedit_nmke.evaluate.runner import RESULT_KEYS, RunConfig, results_table, run_lifelong
 from easyedit_nmke.methods import load_hparams, method_spec
 
-from conftest import REPO, SHARED_DATA, interrupted_on_call, tiny_hparams, tiny_model
+from conftest import REPO, SHARED_DATA, interrupted_on_call, smollm2_zsre_run, tiny_hparams, tiny_model
 
 
 def test_demo_set_is_valid_and_large_enough():
@@ -108,19 +108,9 @@ def test_smollm2_zsre_ten_sequential_edits():
     """10 sequential ZsRE edits on SmolLM2 really edit it and keep unrelated answers.
 
     The unedited model scores Rel ~0.1 on these targets. The project's goal (issue 2)
-    is Rel >= 0.9 and Loc >= 0.9; the shipped YAML (2 context prefixes) measured Rel 1.0,
-    Loc 0.937-0.943 at T=10 in the 100-edit runs (README "Results"); the bounds below
-    predate that and were left as they were.
+    is Rel >= 0.9 and Loc >= 0.9 on them; the shipped YAML (2 context prefixes) measured
+    Rel 1.0, Loc 0.937-0.943 at T=10 in the 100-edit runs (README "Results").
     """
-    data = SHARED_DATA / "zsre_mend_eval_portability_gpt4.dev.json"
-    if not data.is_file():
-        pytest.skip(f"{data} not present (set EASYEDIT_NMKE_DATA_DIR)")
-    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
-
-    hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml")
-    model, tok = load_model_and_tokenizer(hp.model_name)
-    records = load_records([data], limit=10)
-    result = run_lifelong(model, tok, hp, method_spec("NMKE"), records, RunConfig(eval_at=[10], progress=False))
-    row = result.runs[-1]
-    assert row["rel"] >= 0.8, row
-    assert row["loc"] >= 0.8, row
+    _, _, row = smollm2_zsre_run("NMKE")
+    assert row["rel"] >= 0.9, row
+    assert row["loc"] >= 0.9, row
