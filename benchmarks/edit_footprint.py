@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -32,6 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
 
 
 def _records(args) -> list:
@@ -141,17 +141,8 @@ def main(argv=None) -> Dict:
         method = "NMKE" if args.what == "nullspace" else "MicroEdit"
         args.hparams = REPO / f"hparams/{method}/smollm2-135m.yaml"
     result = nullspace_energy(args) if args.what == "nullspace" else sae_row_overlap(args)
-    result["command"] = (
-        "EASYEDIT_NMKE_DATA_DIR="
-        + shlex.quote(os.environ.get("EASYEDIT_NMKE_DATA_DIR", ""))
-        + " python "
-        + " ".join(shlex.quote(a) for a in sys.argv)
-    )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    result["command"] = command_line()
+    emit(result, args.out)
     return result
 
 

@@ -17,9 +17,7 @@ of an ``easyedit-nmke edit`` run), and scores the first ``--records`` records th
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -27,6 +25,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
 
 TAU_MULTIPLES = (1.0, 1.1, 1.2, 1.3, 1.5)
 
@@ -90,8 +90,7 @@ def main(argv=None) -> dict:
         }
     tau = state.threshold
     result = {
-        "command": "EASYEDIT_NMKE_DATA_DIR=" + shlex.quote(os.environ.get("EASYEDIT_NMKE_DATA_DIR", ""))
-        + " python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "data": str(data),
         "checkpoint_edits": done,
         "records_scored": len(records),
@@ -112,11 +111,7 @@ def main(argv=None) -> dict:
         },
         "sae_always_on": always,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 
