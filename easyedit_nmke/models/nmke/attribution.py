@@ -323,6 +323,11 @@ def _prepare(
     )
 
 
+# Elements per [P, rows, neurons] tile on CPU (each tile is swept four times, so it should
+# stay cache-sized); `benchmarks/bench_solve_tiles.py` times other sizes.
+CPU_TILE_ELEMENTS = 1 << 20
+
+
 def _tile_shape(n_prompts: int, n: int, budget: int, on_cpu: bool) -> Tuple[int, int, int]:
     """(W block rows, tile vocab rows, tile neurons) for a memory budget in bytes.
 
@@ -331,7 +336,7 @@ def _tile_shape(n_prompts: int, n: int, budget: int, on_cpu: bool) -> Tuple[int,
     """
     elems = max(1, budget // 8)  # fp32 elements per half
     block_rows = max(1, elems // n)
-    tile_elems = min(elems, (1 << 20) if on_cpu else (64 << 20))
+    tile_elems = min(elems, CPU_TILE_ELEMENTS if on_cpu else (64 << 20))
     min_rows = min(block_rows, 32)
     tile_n = max(1, min(n, tile_elems // (n_prompts * min_rows)))
     tile_rows = max(1, min(block_rows, tile_elems // (n_prompts * tile_n)))
