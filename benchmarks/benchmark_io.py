@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
+def zsre_dev_file(data: Optional[Path]) -> Path:
+    """``data``, or the ZsRE dev file in ``$EASYEDIT_NMKE_DATA_DIR``."""
+    if data is not None:
+        return data
+    if not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
+        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file and corpora) or pass --data")
+    return Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+
+
 def command_line() -> str:
     """This process's command, with the data folder it read (results must say how they were made)."""
     data_dir = shlex.quote(os.environ.get("EASYEDIT_NMKE_DATA_DIR", ""))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -31,15 +30,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
+from benchmark_io import command_line, emit, zsre_dev_file  # noqa: E402  (this folder, after the path set-up)
 
 
 def _records(args) -> list:
     from easyedit_nmke.evaluate.records import load_records
 
-    if args.data is None and not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
-        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file) or pass --data")
-    data = args.data or Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+    data = zsre_dev_file(args.data)
     return load_records([data], limit=args.records)
 
 

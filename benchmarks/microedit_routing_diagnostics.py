@@ -17,7 +17,6 @@ of an ``easyedit-nmke edit`` run), and scores the first ``--records`` records th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
+from benchmark_io import command_line, emit, zsre_dev_file  # noqa: E402  (this folder, after the path set-up)
 
 TAU_MULTIPLES = (1.0, 1.1, 1.2, 1.3, 1.5)
 
@@ -55,9 +54,7 @@ def main(argv=None) -> dict:
     from easyedit_nmke.models.microedit.state import get_state
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
-    if args.data is None and not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
-        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file and the calibration corpus) or pass --data")
-    data = args.data or Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+    data = zsre_dev_file(args.data)
     spec = METHODS["MicroEdit"]
     hparams = spec.hparams_cls.from_hparams(args.hparams)
     model, tok = load_model_and_tokenizer(hparams.model_name)

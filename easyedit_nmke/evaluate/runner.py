@@ -93,12 +93,17 @@ class RunResult:
         return out
 
 
+def locality_indices(records: Sequence[EditRecord]) -> List[int]:
+    """Positions of the records that have a locality pair, in the order of ``evaluation_groups``' "loc"."""
+    return [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
+
+
 def evaluation_groups(records: Sequence[EditRecord]) -> Dict[str, List[Tuple[str, str]]]:
     """The (prompt, answer) pairs behind Rel, Gen and Loc."""
     return {
         "edit": [(r.prompt, r.target) for r in records],
         "gen": [(r.rephrase, r.target) for r in records if r.rephrase],
-        "loc": [(r.locality_prompt, r.locality_answer) for r in records if r.locality_prompt and r.locality_answer],
+        "loc": [(records[i].locality_prompt, records[i].locality_answer) for i in locality_indices(records)],
     }
 
 
@@ -112,7 +117,7 @@ def evaluate_records(
     """Rel/Gen/Loc of the current model over ``records``."""
     groups = evaluation_groups(records)
     edit_pairs, rephrase, loc_pairs = groups["edit"], groups["gen"], groups["loc"]
-    loc_idx = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
+    loc_idx = locality_indices(records)
     if config.metric == "perplexity":
         rel = metrics.mean(metrics.target_perplexity(model, tok, edit_pairs, config.batch_size))
         gen = metrics.mean(metrics.target_perplexity(model, tok, rephrase, config.batch_size)) if rephrase else None
@@ -227,11 +232,8 @@ def run_lifelong(
     if not checkpointer.exists():
         # Locality is measured against the model as it came, before the method's prepare
         # step may change its outputs (MicroEdit routes some inputs through an unedited SAE).
-        loc_idx = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
-        preds = metrics.answer_predictions(
-            model, tok, [(records[i].locality_prompt, records[i].locality_answer) for i in loc_idx], config.batch_size
-        )
-        for i, p in zip(loc_idx, preds):
+        preds = metrics.answer_predictions(model, tok, evaluation_groups(records)["loc"], config.batch_size)
+        for i, p in zip(locality_indices(records), preds):
             references[i] = p
     # Prepare before restoring: a method may add the modules its saved state goes into (MicroEdit's SAE).
     start = time.perf_counter()
