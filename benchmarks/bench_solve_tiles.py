@@ -45,6 +45,7 @@ def solve_timings(repeats: int) -> dict:
         key_second_moments,
         null_space_basis,
         null_space_projector,
+        cache_in_basis,
         solve_in_null_space,
     )
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
@@ -68,7 +69,8 @@ def solve_timings(repeats: int) -> dict:
         return torch.linalg.solve(lhs.double(), (projector @ keys_s).double()).float()
 
     def basis_form() -> torch.Tensor:
-        return solve_in_null_space(null_space_basis(moments_s, threshold), cache_s, keys_s, l2)
+        basis = null_space_basis(moments_s, threshold)
+        return solve_in_null_space(basis, cache_in_basis(basis, cache_s), keys_s, l2)
 
     difference = float((projector_form() - basis_form()).abs().max() / projector_form().abs().max())
     return {

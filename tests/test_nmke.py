@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from easyedit_nmke.models.nmke import NMKEState, apply_nmke_to_model, get_state, prepare_state, reset_nmke_state
 from easyedit_nmke.models.nmke.nmke_main import EditError
@@ -78,7 +80,8 @@ def test_mode_none_update_lies_in_null_space(llama, tokenizer, corpus_file, tmp_
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
     for layer in hp.layers:
         delta = _delta(llama, before, hp, layer)  # [d, d_ff]
-        preserved = torch.eye(delta.shape[1]) - state.projectors[layer]
+        basis = state.null_bases[layer]
+        preserved = torch.eye(delta.shape[1]) - basis @ basis.T
         assert delta.abs().max() > 0
         # Keys in the preserved subspace (range of I - P) are mapped exactly as before.
         assert (delta @ preserved).abs().max() < 1e-4 * delta.abs().max()
@@ -165,12 +168,35 @@ def test_state_save_load_roundtrip_and_reset(llama, tokenizer, corpus_file, tmp_
     assert loaded.context_templates == state.context_templates
     assert loaded.num_edits == 2
     for layer in hp.layers:
-        assert torch.equal(loaded.projectors[layer], state.projectors[layer])
+        assert torch.equal(loaded.null_bases[layer], state.null_bases[layer])
         assert torch.equal(loaded.key_cache[layer], state.key_cache[layer])
     reset_nmke_state(llama)
     assert state.num_edits == 0
     assert all(float(c.abs().sum()) == 0.0 for c in state.key_cache.values())
-    assert all(layer in state.projectors for layer in hp.layers)  # projectors survive a reset
+    assert all(layer in state.null_bases for layer in hp.layers)  # null spaces survive a reset
+
+
+def test_version_1_state_with_projectors_still_loads(llama, tokenizer, corpus_file, tmp_path):
+    # Checkpoints written before the basis form stored P = B Bᵀ; a resumed run must go on.
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode="none")
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    state = get_state(llama)
+    state.save(tmp_path / "v2")
+    tensors = load_file(str(tmp_path / "v2" / "nmke_state.safetensors"))
+    old = {k: v for k, v in tensors.items() if not k.startswith("null_basis.")}
+    for layer in hp.layers:
+        basis = state.null_bases[layer].double()
+        old[f"projector.{layer}"] = (basis @ basis.T).float()
+    (tmp_path / "v1").mkdir()
+    save_file(old, str(tmp_path / "v1" / "nmke_state.safetensors"))
+    meta = json.loads((tmp_path / "v2" / "nmke_state.json").read_text())
+    meta["version"] = 1
+    (tmp_path / "v1" / "nmke_state.json").write_text(json.dumps(meta))
+    loaded = NMKEState.load(tmp_path / "v1")
+    for layer in hp.layers:
+        new, ref = loaded.null_bases[layer].double(), state.null_bases[layer].double()
+        assert new.shape == ref.shape
+        torch.testing.assert_close(new @ new.T, ref @ ref.T, atol=1e-5, rtol=0)  # same subspace
 
 
 def test_two_models_do_not_share_state(tokenizer, corpus_file, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from easyedit_nmke.models.nmke.nullspace import (
     key_second_moments,
+    cache_in_basis,
     null_space_basis,
     null_space_projector,
     resolve_corpus,
@@ -42,9 +43,19 @@ def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
     expected = torch.linalg.solve(lhs, p @ keys.double()).float()
     basis = null_space_basis(mom2, 0.02)
     assert 0 < basis.shape[1] < n
-    got = solve_in_null_space(basis, cache, keys, l2)
+    got = solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
     torch.testing.assert_close(p.float() @ got, got, atol=1e-5, rtol=0)  # lies in the null space
+
+
+def test_solve_without_l2_and_too_few_keys_is_a_clear_error():
+    # L2 = 0 and one key against an 8-dimensional null space: the update is not unique.
+    torch.manual_seed(2)
+    mom2 = torch.diag(torch.tensor([5.0] * 4 + [0.0] * 8))
+    basis = null_space_basis(mom2, 0.02)
+    assert basis.shape[1] == 8
+    with pytest.raises(ValueError, match="not positive definite.*L2 > 0"):
+        solve_in_null_space(basis, cache_in_basis(basis, torch.zeros(12, 12)), torch.randn(12, 1), 0.0)
 
 
 def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):

@@ -57,6 +57,7 @@ def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, swi
 class EditInput:
     """The edit's input sequence (prompt + teacher-forced target) and its SAE latents."""
 
+    layer_name: str  # the hooked block
     input_ids: torch.Tensor  # [1, seq]
     rows: torch.Tensor  # batch index of each target position (all 0)
     cols: torch.Tensor  # positions whose next-token prediction is a target token
@@ -89,6 +90,7 @@ def edit_input(
     if latents.numel() == 0:
         raise ValueError(f"no SAE latent is active on the edit prompt {request.prompt!r}")
     return EditInput(
+        layer_name=layer_name,
         input_ids=input_ids,
         rows=torch.zeros(len(target_ids), dtype=torch.long, device=device),
         cols=torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device),
@@ -108,8 +110,8 @@ def compute_decoder_edit(
     switch: SAESwitch,
 ) -> DecoderEdit:
     sae = switch.sae
-    layer_name = hparams.layer_module_tmp.format(hparams.layer)
     inputs = edit_input(model, tok, request, hparams, switch)
+    layer_name = inputs.layer_name
     input_ids, rows, cols, targets = inputs.input_ids, inputs.rows, inputs.cols, inputs.targets
     hidden, ordinary, acts, latents = inputs.hidden, inputs.ordinary, inputs.acts, inputs.latents
     active_acts = acts[..., latents]

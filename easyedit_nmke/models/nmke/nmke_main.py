@@ -42,7 +42,7 @@ from .compute_ks import (
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
-from .nullspace import key_second_moments, null_space_basis, null_space_projector, solve_in_null_space
+from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
 from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -86,7 +86,7 @@ def generate_context_templates(
 
 
 def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> NMKEState:
-    """The model's lifelong state, built on first use (projectors from corpus statistics, prefixes)."""
+    """The model's lifelong state, built on first use (null spaces from corpus statistics, prefixes)."""
     state = get_state(model)
     if state is not None:
         ok, why = state_layers_match(state, hparams.layers)
@@ -95,17 +95,17 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
     else:
         state = NMKEState(layers=list(hparams.layers))
     device = next(model.parameters()).device
-    missing = [layer for layer in hparams.layers if layer not in state.projectors or layer not in state.key_moments]
+    missing = [layer for layer in hparams.layers if layer not in state.null_bases or layer not in state.key_moments]
     if missing:
         start = time.perf_counter()
         moments = key_second_moments(model, tok, hparams, missing)
         for layer in missing:
             state.key_moments[layer] = moments[layer].to(device)
-            state.projectors[layer] = null_space_projector(moments[layer], hparams.nullspace_threshold).to(device)
+            state.null_bases[layer] = null_space_basis(moments[layer], hparams.nullspace_threshold).to(device)
         state.add_time("projector", time.perf_counter() - start)
     for layer in hparams.layers:
         if layer not in state.key_cache:
-            d_ff = state.projectors[layer].shape[0]
+            d_ff = state.null_bases[layer].shape[0]
             state.key_cache[layer] = torch.zeros(d_ff, d_ff, device=device)
         state.kept_neurons.setdefault(layer, 0)
     if not state.context_templates:
@@ -330,8 +330,9 @@ def execute_nmke(
     for layer in layers:
         k = torch.stack(new_keys[layer], dim=1)
         state.key_cache[layer] += k @ k.T
-        if layer in state.projected_cache:
-            state.projected_cache[layer] += (state.projectors[layer] @ k) @ k.T
+        if layer in state.basis_cache:
+            basis_keys = state.null_bases[layer].T @ k
+            state.basis_cache[layer] += basis_keys @ basis_keys.T
         if layer in masks:
             state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
     state.num_edits += len(requests)
@@ -342,14 +343,15 @@ def execute_nmke(
 def _update_coefficients(
     state: NMKEState, layer: int, keys: torch.Tensor, hparams: NMKEHyperParams
 ) -> torch.Tensor:
-    """AlphaEdit's solve, kept factored: Δ = A⁻¹ P K Rᵀ = coeffs · Rᵀ with A = P(K Kᵀ + C) + L2·I.
+    """AlphaEdit's solve, kept factored: Δ = (P(K Kᵀ + C) + L2·I)⁻¹ P K Rᵀ = coeffs · Rᵀ.
 
     Rank n, which lets the cached attribution readout be updated instead of recomputed.
+    Bᵀ C B is kept up to date incrementally, so an edit costs one r × r Cholesky.
     """
-    projected_keys = state.projectors[layer] @ keys
-    lhs = _projected_cache(state, layer) + projected_keys @ keys.T
-    lhs.diagonal().add_(hparams.L2)
-    return torch.linalg.solve(lhs.double(), projected_keys.double()).float()  # [d_ff, n]
+    basis = state.null_bases[layer]
+    if layer not in state.basis_cache:
+        state.basis_cache[layer] = cache_in_basis(basis, state.key_cache[layer])
+    return solve_in_null_space(basis, state.basis_cache[layer], keys, hparams.L2)  # [d_ff, n]
 
 
 def _masked_update_coefficients(
@@ -358,7 +360,7 @@ def _masked_update_coefficients(
     """The same null-space constrained solve over the masked neurons only.
 
     Updates confined to the neuron set S must leave preserved keys alone through S's
-    coordinates alone, so the projector is rebuilt from the corpus second moment
+    coordinates alone, so the null space is rebuilt from the corpus second moment
     restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
     rows of the full solution instead would both break the null-space property and
     lose the share of the update carried by the dropped neurons.
@@ -366,16 +368,10 @@ def _masked_update_coefficients(
     index = keep.nonzero().squeeze(1).to(keys.device)
     moments = state.key_moments[layer]
     basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
+    cache = cache_in_basis(basis, state.key_cache[layer][index][:, index])
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    coeffs[index] = solve_in_null_space(basis, state.key_cache[layer][index][:, index], keys[index], hparams.L2)
+    coeffs[index] = solve_in_null_space(basis, cache, keys[index], hparams.L2)
     return coeffs
-
-
-def _projected_cache(state: NMKEState, layer: int) -> torch.Tensor:
-    """P·C, kept up to date incrementally (a d_ff³ product saved per layer and edit)."""
-    if layer not in state.projected_cache:
-        state.projected_cache[layer] = state.projectors[layer] @ state.key_cache[layer]
-    return state.projected_cache[layer].clone()
 
 
 def apply_nmke_to_model(
@@ -443,5 +439,5 @@ def phase_seconds(model: nn.Module) -> Dict[str, float]:
 
 
 def prepare_method(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> None:
-    """One-off setup before a run (corpus statistics, projectors, prefixes), timed apart from edits."""
+    """One-off setup before a run (corpus statistics, null spaces, prefixes), timed apart from edits."""
     prepare_state(model, tok, hparams)

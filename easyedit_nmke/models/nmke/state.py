@@ -1,9 +1,9 @@
-"""Lifelong NMKE state of one edited model: projectors, accumulated keys, prefixes, counters.
+"""Lifelong NMKE state of one edited model: null-space bases, accumulated keys, prefixes, counters.
 
 The state is attached to the model object it belongs to (``model.nmke_state``), so
 two models edited in one process never share it; ``save``/``load`` persist it as
 safetensors + JSON for resumable runs, and ``reset`` forgets the edits while
-keeping the (expensive, edit-independent) projectors and context prefixes.
+keeping the (expensive, edit-independent) null-space bases and context prefixes.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 STATE_ATTRIBUTE = "nmke_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1 stored projectors P = B Bᵀ; they still load (basis recovered from P)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class UndoRecord:
 class NMKEState:
     layers: List[int]
     key_moments: Dict[int, torch.Tensor] = field(default_factory=dict)  # E[k kᵀ] over the corpus
-    projectors: Dict[int, torch.Tensor] = field(default_factory=dict)  # P per layer [d_ff, d_ff]
+    null_bases: Dict[int, torch.Tensor] = field(default_factory=dict)  # B per layer [d_ff, r], P = B Bᵀ
     key_cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # C = Σ K Kᵀ of past edits
     context_templates: List[str] = field(default_factory=list)
     num_edits: int = 0
@@ -50,7 +50,7 @@ class NMKEState:
     timings: Dict[str, float] = field(default_factory=dict)  # seconds spent per phase
     # Derived, never saved: rebuilt when missing or stale.
     readout: Dict[int, ReadoutCache] = field(default_factory=dict, repr=False)
-    projected_cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # P·C
+    basis_cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # Bᵀ C B [r, r]
     last_edit: Optional[UndoRecord] = field(default=None, repr=False)
     last_edit_info: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -70,26 +70,26 @@ class NMKEState:
         self.key_cache = record.key_cache
         self.num_edits = record.num_edits
         self.kept_neurons = record.kept_neurons
-        self.projected_cache.clear()
+        self.basis_cache.clear()
         return True
 
     def reset(self) -> None:
-        """Forget all edits (C, counters); corpus statistics, projectors and prefixes stay valid."""
+        """Forget all edits (C, counters); corpus statistics, null-space bases and prefixes stay valid."""
         for layer, c in self.key_cache.items():
             self.key_cache[layer] = torch.zeros_like(c)
         self.num_edits = 0
         self.kept_neurons = {layer: 0 for layer in self.layers}
         self.timings = {}
         self.readout.clear()
-        self.projected_cache.clear()
+        self.basis_cache.clear()
         self.last_edit = None
 
     def save(self, directory: Union[str, Path]) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for layer, p in self.projectors.items():
-            tensors[f"projector.{layer}"] = p.detach().cpu().contiguous()
+        for layer, b in self.null_bases.items():
+            tensors[f"null_basis.{layer}"] = b.detach().cpu().contiguous()
         for layer, m in self.key_moments.items():
             tensors[f"key_moment.{layer}"] = m.detach().cpu().contiguous()
         for layer, c in self.key_cache.items():
@@ -112,13 +112,15 @@ class NMKEState:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise FileNotFoundError(f"no NMKE state in {directory}")
         meta: Dict[str, Any] = json.loads(meta_path.read_text())
-        if meta.get("version") != STATE_VERSION:
-            raise ValueError(f"NMKE state version {meta.get('version')} is not supported (need {STATE_VERSION})")
+        if meta.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"NMKE state version {meta.get('version')} is not supported (need 1 or {STATE_VERSION})")
         tensors = load_file(str(tensor_path), device=str(device))
         state = cls(layers=[int(x) for x in meta["layers"]])
         for name, tensor in tensors.items():
             kind, layer = name.rsplit(".", 1)
-            attribute = {"projector": "projectors", "key_cache": "key_cache", "key_moment": "key_moments"}[kind]
+            if kind == "projector":  # version 1
+                kind, tensor = "null_basis", _basis_of_projector(tensor)
+            attribute = {"null_basis": "null_bases", "key_cache": "key_cache", "key_moment": "key_moments"}[kind]
             getattr(state, attribute)[int(layer)] = tensor
         state.context_templates = list(meta["context_templates"])
         state.num_edits = int(meta["num_edits"])
@@ -128,6 +130,12 @@ class NMKEState:
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+def _basis_of_projector(projector: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of range(P) for an orthogonal projector P (eigenvalues 0 or 1)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(projector.double())
+    return eigenvectors[:, eigenvalues > 0.5].to(projector.dtype)
 
 
 def get_state(model: nn.Module) -> Optional[NMKEState]:
