@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from easyedit_nmke.models.nmke import NMKEState, apply_nmke_to_model, get_state, prepare_state, reset_nmke_state
 from easyedit_nmke.models.nmke.nmke_main import EditError
+from easyedit_nmke.models.nmke.state import attach_state
 from easyedit_nmke.util import nethook
 from easyedit_nmke.util.hparams import HParamsError
 from easyedit_nmke.util.model_parts import ArchitectureError, down_weight
@@ -118,6 +119,24 @@ def test_sequential_edits_accumulate_and_update_cache(llama, tokenizer, corpus_f
         assert torch.linalg.matrix_rank(c) == 3  # one key per edit
 
 
+def test_mode_none_keeps_the_cache_in_basis_coordinates_exact(tokenizer, corpus_file, tmp_path):
+    # Bᵀ C B is updated edit by edit; it must equal a rebuild from C, and so must the edits.
+    from easyedit_nmke.models.nmke.nullspace import cache_in_basis
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode="none")
+    incremental, rebuilt = tiny_model("llama", len(tokenizer)), tiny_model("llama", len(tokenizer))
+    for request in REQUESTS:
+        apply_nmke_to_model(incremental, tokenizer, [request], hp)
+        prepare_state(rebuilt, tokenizer, hp).basis_cache.clear()
+        apply_nmke_to_model(rebuilt, tokenizer, [request], hp)
+    state = get_state(incremental)
+    for layer in hp.layers:
+        expected = cache_in_basis(state.null_bases[layer], state.key_cache[layer])
+        torch.testing.assert_close(state.key_cache_in_basis(layer), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    for name, value in incremental.state_dict().items():
+        torch.testing.assert_close(value, rebuilt.state_dict()[name], atol=1e-5, rtol=1e-4)
+
+
 def test_readout_cache_update_matches_recompute(llama, tokenizer, corpus_file, tmp_path):
     from easyedit_nmke.models.nmke.attribution import readout_product
     from easyedit_nmke.models.nmke.nmke_main import _readout_norm
@@ -197,6 +216,14 @@ def test_version_1_state_with_projectors_still_loads(llama, tokenizer, corpus_fi
         new, ref = loaded.null_bases[layer].double(), state.null_bases[layer].double()
         assert new.shape == ref.shape
         torch.testing.assert_close(new @ new.T, ref @ ref.T, atol=1e-5, rtol=0)  # same subspace
+    # A resumed run edits on from the converted state like from the one it was saved from.
+    resumed = copy.deepcopy(llama)
+    attach_state(resumed, loaded)
+    state.basis_cache.clear()
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[1:2], hp)
+    apply_nmke_to_model(resumed, tokenizer, REQUESTS[1:2], hp)
+    for name, value in llama.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-5, rtol=1e-4)
 
 
 def test_two_models_do_not_share_state(tokenizer, corpus_file, tmp_path):
@@ -300,9 +327,12 @@ def test_all_shipped_yamls_load():
         NMKEHyperParams.from_hparams(path)
 
 
-def test_restored_weights_roll_back_lifelong_statistics(llama, tokenizer, corpus_file, tmp_path):
+@pytest.mark.parametrize("mode", ["hybrid", "none"])
+def test_restored_weights_roll_back_lifelong_statistics(mode, llama, tokenizer, corpus_file, tmp_path):
     """Non-sequential editing: after the caller restores the weights, C forgets that edit."""
-    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    from easyedit_nmke.models.nmke.nullspace import cache_in_basis
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode=mode)
     for request in REQUESTS[:2]:
         _, weights_copy = apply_nmke_to_model(
             llama, tokenizer, [request], hp, return_orig_weights=True, keep_original_weight=True
@@ -315,6 +345,10 @@ def test_restored_weights_roll_back_lifelong_statistics(llama, tokenizer, corpus
     assert state.num_edits == 1
     for layer in hp.layers:
         assert torch.linalg.matrix_rank(state.key_cache[layer]) == 1
+        if mode == "none":  # the basis-coordinates cache came back with C, not rebuilt stale
+            expected = cache_in_basis(state.null_bases[layer], state.key_cache[layer])
+            got = state.key_cache_in_basis(layer)
+            torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
     # Sequential editing (nothing restored) keeps every edit.
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
     assert state.num_edits == 2

@@ -58,6 +58,19 @@ def test_solve_without_l2_and_too_few_keys_is_a_clear_error():
         solve_in_null_space(basis, cache_in_basis(basis, torch.zeros(12, 12)), torch.randn(12, 1), 0.0)
 
 
+def test_solve_falls_back_when_rounding_breaks_cholesky():
+    # With L2 > 0 the system is positive definite in exact arithmetic; if rounding in a
+    # huge C breaks the factorisation, a general solve must still give the update.
+    torch.manual_seed(3)
+    basis = null_space_basis(torch.diag(torch.tensor([5.0] * 2 + [0.0] * 6)), 0.02)
+    keys = torch.randn(8, 2)
+    indefinite = -3.0 * torch.eye(6)  # stands in for a C whose rounding went negative
+    got = solve_in_null_space(basis, indefinite, keys, 1.0)
+    basis_keys = (basis.T @ keys).double()
+    lhs = indefinite.double() + basis_keys @ basis_keys.T + torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(got, basis @ torch.linalg.solve(lhs, basis_keys).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     hp = tiny_hparams("llama", corpus_file, tmp_path)

@@ -43,7 +43,7 @@ from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
 from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
-from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
+from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -321,18 +321,9 @@ def execute_nmke(
             raise
         raise EditError(f"NMKE edit failed, model left unchanged: {exc}") from exc
     # Commit lifelong statistics only once the whole edit succeeded.
-    state.last_edit = UndoRecord(
-        originals=originals,
-        key_cache={layer: c.clone() for layer, c in state.key_cache.items()},
-        num_edits=state.num_edits,
-        kept_neurons=dict(state.kept_neurons),
-    )
+    state.last_edit = state.undo_record(originals)
     for layer in layers:
-        k = torch.stack(new_keys[layer], dim=1)
-        state.key_cache[layer] += k @ k.T
-        if layer in state.basis_cache:
-            basis_keys = state.null_bases[layer].T @ k
-            state.basis_cache[layer] += basis_keys @ basis_keys.T
+        state.add_edit_keys(layer, torch.stack(new_keys[layer], dim=1))
         if layer in masks:
             state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
     state.num_edits += len(requests)
@@ -346,12 +337,10 @@ def _update_coefficients(
     """AlphaEdit's solve, kept factored: Δ = (P(K Kᵀ + C) + L2·I)⁻¹ P K Rᵀ = coeffs · Rᵀ.
 
     Rank n, which lets the cached attribution readout be updated instead of recomputed.
-    Bᵀ C B is kept up to date incrementally, so an edit costs one r × r Cholesky.
+    The state keeps Bᵀ C B up to date edit by edit, so an edit costs one r × r Cholesky.
     """
     basis = state.null_bases[layer]
-    if layer not in state.basis_cache:
-        state.basis_cache[layer] = cache_in_basis(basis, state.key_cache[layer])
-    return solve_in_null_space(basis, state.basis_cache[layer], keys, hparams.L2)  # [d_ff, n]
+    return solve_in_null_space(basis, state.key_cache_in_basis(layer), keys.to(basis.device), hparams.L2)
 
 
 def _masked_update_coefficients(

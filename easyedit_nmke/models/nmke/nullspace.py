@@ -135,25 +135,27 @@ def cache_in_basis(basis: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return basis.T @ (cache @ basis)
 
 
-def solve_in_null_space(
-    basis: torch.Tensor, cache_in_basis: torch.Tensor, keys: torch.Tensor, l2: float
-) -> torch.Tensor:
+def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
     """AlphaEdit's x = (P(K Kᵀ + C) + l2·I)⁻¹ P K, solved in the coordinates of P's basis B.
 
     With P = B Bᵀ, x lies in range(B) (l2·x = P(K − (K Kᵀ + C)x)), so x = B y with
     (Bᵀ(K Kᵀ + C)B + l2·I) y = Bᵀ K: an r × r symmetric positive-definite system
-    (Cholesky) instead of a general n × n one.  ``cache_in_basis`` is Bᵀ C B
+    (Cholesky) instead of a general n × n one.  ``basis_cache`` is Bᵀ C B
     (``cache_in_basis(basis, C)``).  Returns x, [n, n_keys].
     """
     basis_keys = basis.T @ keys  # [r, n_keys]
-    lhs = (cache_in_basis + basis_keys @ basis_keys.T).double()
+    lhs = (basis_cache + basis_keys @ basis_keys.T).double()
     lhs.diagonal().add_(l2)
     if not torch.isfinite(lhs).all():
         raise ValueError("the null-space system is not finite (NaN/inf in the accumulated or new keys)")
     factor, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) != 0:
+    if int(info) == 0:
+        return basis @ torch.cholesky_solve(basis_keys.double(), factor).float()
+    if l2 <= 0:
         raise ValueError(
             f"the null-space system (r = {lhs.shape[0]}) is not positive definite, so the update is not "
             f"unique: L2 = {l2} with fewer independent keys than null-space directions; use L2 > 0"
         )
-    return basis @ torch.cholesky_solve(basis_keys.double(), factor).float()
+    # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can break
+    # Cholesky, and a general solve of the symmetrised system still gives the update.
+    return basis @ torch.linalg.solve((lhs + lhs.T) / 2, basis_keys.double()).float()

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .nullspace import cache_in_basis
+
 STATE_ATTRIBUTE = "nmke_state"
 STATE_VERSION = 2  # 1 stored projectors P = B Bᵀ; they still load (basis recovered from P)
 
@@ -29,11 +31,24 @@ class ReadoutCache:
 
 
 @dataclass
+class BasisCache:
+    """Bᵀ C B of one layer and the key cache C (tensor and in-place version) it was computed from."""
+
+    matrix: torch.Tensor
+    source: torch.Tensor
+    source_version: int
+
+    def matches(self, key_cache: torch.Tensor) -> bool:
+        return self.source is key_cache and self.source_version == key_cache._version
+
+
+@dataclass
 class UndoRecord:
     """What the last edit changed, to roll the statistics back if an editor restores the weights."""
 
     originals: Dict[int, torch.Tensor]  # down-projection weights before the edit
     key_cache: Dict[int, torch.Tensor]
+    basis_cache: Dict[int, torch.Tensor]  # Bᵀ C B before the edit, where it was up to date
     num_edits: int
     kept_neurons: Dict[int, int]
 
@@ -50,7 +65,7 @@ class NMKEState:
     timings: Dict[str, float] = field(default_factory=dict)  # seconds spent per phase
     # Derived, never saved: rebuilt when missing or stale.
     readout: Dict[int, ReadoutCache] = field(default_factory=dict, repr=False)
-    basis_cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # Bᵀ C B [r, r]
+    basis_cache: Dict[int, BasisCache] = field(default_factory=dict, repr=False)  # Bᵀ C B [r, r]
     last_edit: Optional[UndoRecord] = field(default=None, repr=False)
     last_edit_info: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -68,10 +83,48 @@ class NMKEState:
         if not all(torch.equal(weights[layer], record.originals[layer]) for layer in record.originals):
             return False
         self.key_cache = record.key_cache
+        self.basis_cache = {
+            layer: BasisCache(matrix, self.key_cache[layer], self.key_cache[layer]._version)
+            for layer, matrix in record.basis_cache.items()
+        }
         self.num_edits = record.num_edits
         self.kept_neurons = record.kept_neurons
-        self.basis_cache.clear()
         return True
+
+    def key_cache_in_basis(self, layer: int) -> torch.Tensor:
+        """Bᵀ C B for ``layer``: kept up to date by ``add_edit_keys``, rebuilt if C changed otherwise."""
+        key_cache = self.key_cache[layer]
+        entry = self.basis_cache.get(layer)
+        if entry is None or not entry.matches(key_cache):
+            basis = self.null_bases[layer]
+            entry = BasisCache(cache_in_basis(basis, key_cache.to(basis.device)), key_cache, key_cache._version)
+            self.basis_cache[layer] = entry
+        return entry.matrix
+
+    def add_edit_keys(self, layer: int, keys: torch.Tensor) -> None:
+        """C += K Kᵀ for an edit's keys [d_ff, n], and the same in basis coordinates (r × r, not d_ff³)."""
+        key_cache = self.key_cache[layer]
+        entry = self.basis_cache.get(layer)
+        up_to_date = entry is not None and entry.matches(key_cache)
+        key_cache += keys @ keys.T
+        if up_to_date:
+            basis_keys = self.null_bases[layer].T @ keys.to(self.null_bases[layer].device)
+            entry.matrix += basis_keys @ basis_keys.T
+            entry.source_version = key_cache._version
+
+    def undo_record(self, originals: Dict[int, torch.Tensor]) -> UndoRecord:
+        """What ``rollback_if_restored`` needs to take back the edit about to be committed."""
+        return UndoRecord(
+            originals=originals,
+            key_cache={layer: c.clone() for layer, c in self.key_cache.items()},
+            basis_cache={
+                layer: entry.matrix.clone()
+                for layer, entry in self.basis_cache.items()
+                if entry.matches(self.key_cache[layer])
+            },
+            num_edits=self.num_edits,
+            kept_neurons=dict(self.kept_neurons),
+        )
 
     def reset(self) -> None:
         """Forget all edits (C, counters); corpus statistics, null-space bases and prefixes stay valid."""
