@@ -36,7 +36,14 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise SystemExit(
+                f"--set {item!r}: the value is read as YAML and is not valid YAML ({problem}); "
+                f"quote it as a string, e.g. --set '{key.strip()}=\"{value}\"'"
+            ) from None
     return overrides
 
 

@@ -97,6 +97,10 @@ def test_cli_overrides_and_hparams_loading():
     from easyedit_nmke.cli import parse_eval_at, parse_overrides
 
     assert parse_overrides(["mask_mode=none", "layers=[1, 2]"]) == {"mask_mode": "none", "layers": [1, 2]}
+    # A brace starts a YAML mapping: an unquoted "{cache}/..." path is refused with the fix.
+    with pytest.raises(SystemExit, match="not valid YAML.*quote it"):
+        parse_overrides(["sae_path={cache}/saes/x"])
+    assert parse_overrides(['sae_path="{cache}/saes/x"']) == {"sae_path": "{cache}/saes/x"}
     assert parse_eval_at("10,100", 100) == [10, 100]
     assert parse_eval_at(None, 50) == [1, 10, 50]
     hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml", {"mask_mode": "none"})
