@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .nullspace import cache_in_basis
+from .nullspace import cache_in_basis, null_space_basis
 
 STATE_ATTRIBUTE = "nmke_state"
 STATE_VERSION = 2  # 1 stored projectors P = B Bᵀ; they still load (basis recovered from P)
@@ -186,9 +186,9 @@ class NMKEState:
 
 
 def _basis_of_projector(projector: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of range(P) for an orthogonal projector P (eigenvalues 0 or 1)."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(projector.double())
-    return eigenvectors[:, eigenvalues > 0.5].to(projector.dtype)
+    """An orthonormal basis of range(P) for an orthogonal projector P: the null space of I − P."""
+    identity = torch.eye(projector.shape[0], dtype=projector.dtype, device=projector.device)
+    return null_space_basis(identity - projector, 0.5)  # eigenvalues of I − P are 0 or 1
 
 
 def get_state(model: nn.Module) -> Optional[NMKEState]:
