@@ -11,6 +11,8 @@ from easyedit_nmke.models.nmke.nullspace import (
     null_space_projector,
     resolve_corpus,
     solve_in_null_space,
+    solve_orthogonal_to,
+    used_space_basis,
 )
 
 from conftest import tiny_hparams, tiny_model
@@ -48,6 +50,39 @@ def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
     torch.testing.assert_close(p.float() @ got, got, atol=1e-5, rtol=0)  # lies in the null space
 
 
+@pytest.mark.parametrize("l2", [1.0, 0.1])
+def test_constrained_form_matches_alphaedit_and_the_basis_form(l2):
+    # From the used directions U instead of the null basis B: the same x.
+    torch.manual_seed(3)
+    n, n_keys = 40, 2
+    corpus = torch.randn(n, 25) * torch.linspace(0.05, 3.0, 25)
+    mom2 = corpus @ corpus.T / 25
+    past = torch.randn(n, 6)
+    cache, keys = past @ past.T, torch.randn(n, n_keys)
+    p = null_space_projector(mom2, 0.02).double()
+    lhs = p @ (keys.double() @ keys.double().T + cache.double()) + l2 * torch.eye(n, dtype=torch.float64)
+    expected = torch.linalg.solve(lhs, p @ keys.double()).float()
+    used = used_space_basis(mom2, 0.02)
+    basis = null_space_basis(mom2, 0.02)
+    assert used.shape[1] + basis.shape[1] == n and used.shape[1] > 0
+    got = solve_orthogonal_to(used, cache, keys, l2)
+    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+    torch.testing.assert_close(got, solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2), atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+    assert (used.T @ got.double()).abs().max() < 1e-6 * float(got.abs().max())  # no used direction
+    # Nothing used: the unconstrained regularised solve.
+    free = solve_orthogonal_to(used[:, :0], cache, keys, l2)
+    hessian = keys.double() @ keys.double().T + cache.double() + l2 * torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(free, torch.linalg.solve(hessian, keys.double()).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_constrained_form_without_l2_on_a_singular_system_is_a_clear_error():
+    mom2 = torch.diag(torch.tensor([5.0] * 4 + [0.0] * 8))
+    with pytest.raises(ValueError, match="not positive definite.*L2 > 0"):
+        solve_orthogonal_to(used_space_basis(mom2, 0.02), torch.zeros(12, 12), torch.randn(12, 1), 0.0)
+    with pytest.raises(ValueError, match="not finite"):
+        solve_orthogonal_to(used_space_basis(mom2, 0.02), torch.full((12, 12), float("nan")), torch.randn(12, 1), 1.0)
+
+
 def test_solve_without_l2_and_too_few_keys_is_a_clear_error():
     # L2 = 0 and one key against an 8-dimensional null space: the update is not unique.
     torch.manual_seed(2)
@@ -71,6 +106,20 @@ def test_solve_falls_back_when_rounding_breaks_cholesky():
     torch.testing.assert_close(got, basis @ torch.linalg.solve(lhs, basis_keys).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_constrained_form_falls_back_when_rounding_breaks_cholesky():
+    torch.manual_seed(4)
+    used = used_space_basis(torch.diag(torch.tensor([5.0] * 2 + [0.0] * 6)), 0.02)
+    keys = torch.randn(8, 1)
+    indefinite = -3.0 * torch.eye(8)
+    got = solve_orthogonal_to(used, indefinite, keys, 1.0)
+    # Direct KKT system of the same constrained minimum.
+    hessian = indefinite.double() + keys.double() @ keys.double().T + torch.eye(8, dtype=torch.float64)
+    kkt = torch.zeros(10, 10, dtype=torch.float64)
+    kkt[:8, :8], kkt[:8, 8:], kkt[8:, :8] = hessian, used, used.T
+    expected = torch.linalg.solve(kkt, torch.cat([keys.double(), torch.zeros(2, 1, dtype=torch.float64)]))[:8]
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     hp = tiny_hparams("llama", corpus_file, tmp_path)
@@ -82,6 +131,27 @@ def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):
         assert torch.equal(first[layer], second[layer])
         assert torch.allclose(first[layer], first[layer].T, atol=1e-6)
         assert torch.linalg.eigvalsh(first[layer].double()).min() > -1e-6  # positive semi-definite
+
+
+def test_mom2_dtype_sets_the_stored_and_decomposed_precision(tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.util.hparams import HParamsError
+
+    model = tiny_model("llama", len(tokenizer))
+    single = key_second_moments(model, tokenizer, tiny_hparams("llama", corpus_file, tmp_path), [1])[1]
+    double = key_second_moments(
+        model, tokenizer, tiny_hparams("llama", corpus_file, tmp_path, mom2_dtype="float64"), [1]
+    )[1]
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # one cache file per precision
+    torch.testing.assert_close(double.float(), single, atol=1e-6, rtol=1e-5)
+    # Both precisions find the same null space up to directions at the threshold itself.
+    b32, b64 = null_space_basis(single, 0.02).double(), null_space_basis(double, 0.02).double()
+    assert b32.shape == b64.shape
+    eigenvalues, eigenvectors = torch.linalg.eigh(double)
+    clearly_used = eigenvectors[:, eigenvalues >= 0.04]
+    assert (clearly_used.T @ b32).abs().max() < 1e-4
+    with pytest.raises(HParamsError, match="mom2_dtype must be one of"):
+        tiny_hparams("llama", corpus_file, tmp_path, mom2_dtype="bfloat16")
 
 
 def test_unreachable_corpus_falls_back_to_model_text(tokenizer, corpus_file, tmp_path, monkeypatch):

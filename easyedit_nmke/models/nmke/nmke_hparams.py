@@ -11,6 +11,8 @@ from typing import List, Optional, Union
 
 from ...util.hparams import HParamsError, PluginHyperParams
 
+MOM2_DTYPES = ("float32", "float64")
+MASK_APPLICATIONS = ("restricted_solve", "zero_update")
 MASK_MODES = ("hybrid", "general", "specific", "fixed", "none")
 ATTRIBUTION_TOKENS = ("top1", "target")
 
@@ -47,6 +49,7 @@ class NMKEHyperParams(PluginHyperParams):
     # --- null-space projection (AlphaEdit) ------------------------------------
     mom2_dataset: str = "wikipedia"  # text file path, HF dataset name (online), or "model-generated"
     mom2_n_samples: int = 100000
+    # Precision of the stored E[k kᵀ] and of its eigendecomposition (the null spaces).
     mom2_dtype: str = "float32"
     mom2_max_length: int = 128
     nullspace_threshold: float = 2e-2
@@ -67,6 +70,11 @@ class NMKEHyperParams(PluginHyperParams):
     specific_ratio_a: float = 0.1
     specific_ratio_b: float = 0.3
     fixed_ratio: float = 0.35  # mode 'fixed': both families keep this share
+    # How a mask shapes the update: "restricted_solve" solves the null-space constrained
+    # problem over the kept neurons only (null space of the corpus moment restricted to
+    # them); "zero_update" solves it over all neurons and zeroes the unkept neurons'
+    # columns afterwards (the authors' code; README "What was learned on the way").
+    mask_application: str = "restricted_solve"
 
     # --- speed (no effect on the result beyond float rounding) -------------------
     # Exact shortcuts: the z optimisation runs only the blocks above the last edit
@@ -102,6 +110,10 @@ class NMKEHyperParams(PluginHyperParams):
             raise HParamsError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if self.nullspace_threshold <= 0 or self.L2 < 0:
             raise HParamsError("nullspace_threshold must be > 0 and L2 >= 0")
+        if self.mask_application not in MASK_APPLICATIONS:
+            raise HParamsError(f"mask_application must be one of {MASK_APPLICATIONS}, got {self.mask_application!r}")
+        if self.mom2_dtype not in MOM2_DTYPES:
+            raise HParamsError(f"mom2_dtype must be one of {MOM2_DTYPES}, got {self.mom2_dtype!r}")
         for length, count in self.context_template_length_params:
             if length < 1 or count < 0:
                 raise HParamsError(

@@ -42,7 +42,13 @@ from .compute_ks import (
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
-from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
+from .nullspace import (
+    key_second_moments,
+    null_space_basis,
+    solve_in_null_space,
+    solve_orthogonal_to,
+    used_space_basis,
+)
 from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -271,11 +277,14 @@ def execute_nmke(
                 state.add_time("keys", time.perf_counter() - start)
 
                 start = time.perf_counter()
-                if layer in masks:
+                if layer in masks and hparams.mask_application == "restricted_solve":
                     coeffs = _masked_update_coefficients(state, layer, keys, masks[layer].keep, hparams)
-                    info["kept_fraction"][layer] = masks[layer].kept_fraction
                 else:
                     coeffs = _update_coefficients(state, layer, keys, hparams)
+                if layer in masks:
+                    if hparams.mask_application == "zero_update":
+                        coeffs[~masks[layer].keep.to(coeffs.device)] = 0
+                    info["kept_fraction"][layer] = masks[layer].kept_fraction
                 if not torch.isfinite(coeffs).all() or not torch.isfinite(residual).all():
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
                 delta = residual @ coeffs.T  # [d, d_ff]
@@ -351,15 +360,16 @@ def _masked_update_coefficients(
     Updates confined to the neuron set S must leave preserved keys alone through S's
     coordinates alone, so the null space is rebuilt from the corpus second moment
     restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
-    rows of the full solution instead would both break the null-space property and
-    lose the share of the update carried by the dropped neurons.
+    rows of the full solution instead (``mask_application: zero_update``) both breaks
+    the null-space property and loses the share of the update carried by the dropped
+    neurons.  S changes every edit, so there is no cached Bᵀ C B: the solve takes the
+    constrained form, from Σ_SS's used directions.
     """
     index = keep.nonzero().squeeze(1).to(keys.device)
     moments = state.key_moments[layer]
-    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
-    cache = cache_in_basis(basis, state.key_cache[layer][index][:, index])
+    used = used_space_basis(moments[index][:, index], hparams.nullspace_threshold)
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    coeffs[index] = solve_in_null_space(basis, cache, keys[index], hparams.L2)
+    coeffs[index] = solve_orthogonal_to(used, state.key_cache[layer][index][:, index], keys[index], hparams.L2)
     return coeffs
 
 

@@ -59,6 +59,8 @@ def _cache_key(model: nn.Module, hparams: NMKEHyperParams, layer: int, corpus: s
         "n": hparams.mom2_n_samples,
         "len": hparams.mom2_max_length,
     }
+    if hparams.mom2_dtype != "float32":  # float32 files predate the option: their keys stay valid
+        description["dtype"] = hparams.mom2_dtype
     digest = hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in hparams.model_name)[-60:]
     return f"{safe_model}/layer{layer}_{digest}"
@@ -106,7 +108,7 @@ def key_second_moments(
                 sums[layer] = moment if sums[layer] is None else sums[layer] + moment
             count += int(valid.sum())
     for layer in missing:
-        mom2 = (sums[layer] / count).float().cpu()
+        mom2 = (sums[layer] / count).to(getattr(torch, hparams.mom2_dtype)).cpu()
         path = directory / f"{_cache_key(model, hparams, layer, corpus)}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"mom2": mom2}, str(path), metadata={"tokens": str(count), "corpus": corpus[:500]})
@@ -114,14 +116,28 @@ def key_second_moments(
     return result
 
 
-def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Orthonormal basis [n, r] of the eigen-directions of ``mom2`` with eigenvalue below ``threshold``.
+def _split_eigen_directions(mom2: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(null, used): eigenvectors of ``mom2`` with eigenvalue below / at or above ``threshold``.
 
-    The eigen-decomposition runs in fp64: in fp32 the basis leaks ~1e-4 of the update
-    into the preserved directions when eigenvalues cluster near the threshold.
+    The eigendecomposition runs in ``mom2``'s own precision (``mom2_dtype``): an fp64
+    decomposition of fp32-stored moments only resolves their rounding.  On SmolLM2
+    (layer 6, a 1,050-neuron mask) fp32 and fp64 give the same null-space dimension and
+    the same largest Rayleigh quotient in it (to 1e-9), and fp32's basis leaks 1e-5 into
+    directions with eigenvalue ≥ 1.5 × threshold, at half the time (benchmarks/README.md).
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(mom2.double())
-    return eigenvectors[:, eigenvalues < threshold].float()
+    eigenvalues, eigenvectors = torch.linalg.eigh(mom2)
+    small = eigenvalues < threshold
+    return eigenvectors[:, small], eigenvectors[:, ~small]
+
+
+def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis [n, r] (fp32) of the eigen-directions of ``mom2`` with eigenvalue below ``threshold``."""
+    return _split_eigen_directions(mom2, threshold)[0].float()
+
+
+def used_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis [n, n − r] of the other eigen-directions (those ordinary text uses), in fp64."""
+    return _split_eigen_directions(mom2, threshold)[1].double()
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -159,3 +175,38 @@ def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: to
     # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can break
     # Cholesky, and a general solve of the symmetrised system still gives the update.
     return basis @ torch.linalg.solve((lhs + lhs.T) / 2, basis_keys.double()).float()
+
+
+def solve_orthogonal_to(used: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
+    """The same x as ``solve_in_null_space``, from the used directions U (P = I − U Uᵀ) instead of B.
+
+    x minimises ½ xᵀ H x − xᵀK over Uᵀx = 0, with H = K Kᵀ + C + l2·I, so
+    x = H⁻¹K − H⁻¹U (Uᵀ H⁻¹ U)⁻¹ Uᵀ H⁻¹ K: one n × n Cholesky and n − r right-hand sides.
+    Cheaper than forming Bᵀ C B when there is no cached one and the null space is the
+    larger part (the masked solve: C restricted to the mask changes every edit).
+    Returns x, [n, n_keys].
+    """
+    keys64 = keys.double()
+    hessian = cache.double() + keys64 @ keys64.T
+    hessian.diagonal().add_(l2)
+    if not torch.isfinite(hessian).all():
+        raise ValueError("the null-space system is not finite (NaN/inf in the accumulated or new keys)")
+    used = used.to(hessian)
+    right = torch.cat([keys64, used], dim=1)
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        solved = torch.cholesky_solve(right, factor)
+    elif l2 <= 0:
+        raise ValueError(
+            f"the null-space system (n = {hessian.shape[0]}) is not positive definite, so the update is "
+            f"not unique: L2 = {l2} with fewer independent keys than dimensions; use L2 > 0"
+        )
+    else:
+        # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can
+        # break Cholesky, and a general solve of the symmetrised system still gives x.
+        solved = torch.linalg.solve((hessian + hessian.T) / 2, right)
+    solved_keys, solved_used = solved.split([keys64.shape[1], used.shape[1]], dim=1)
+    if used.shape[1] == 0:
+        return solved_keys.float()
+    multipliers = torch.linalg.solve(used.T @ solved_used, used.T @ solved_keys)
+    return (solved_keys - solved_used @ multipliers).float()
