@@ -102,11 +102,13 @@ def test_masked_modes_leave_unselected_neurons_untouched(mode, llama, tokenizer,
         state = get_state(llama)
         moments = state.key_moments[layer][keep][:, keep].double()
         eigenvalues, eigenvectors = torch.linalg.eigh(moments)
-        # fp32 decompositions mix directions just either side of the threshold; the ones
-        # clearly above it must be left alone.
-        used = eigenvectors[:, eigenvalues >= 2 * hp.nullspace_threshold].float()
-        assert used.shape[1] > 0
-        assert (delta[:, keep] @ used).abs().max() < 1e-4 * delta.abs().max()
+        # fp32 decompositions mix directions just either side of the threshold: the
+        # band up to twice the threshold is held to 1e-3, clearly used directions to 1e-4.
+        used = eigenvectors[:, eigenvalues >= hp.nullspace_threshold].float()
+        clearly_used = eigenvectors[:, eigenvalues >= 2 * hp.nullspace_threshold].float()
+        assert clearly_used.shape[1] > 0
+        assert (delta[:, keep] @ used).abs().max() < 1e-3 * delta.abs().max()
+        assert (delta[:, keep] @ clearly_used).abs().max() < 1e-4 * delta.abs().max()
         assert state.kept_neurons[layer] == int(changed.sum())
 
 

@@ -68,11 +68,28 @@ def test_constrained_form_matches_alphaedit_and_the_basis_form(l2):
     got = solve_orthogonal_to(used, cache, keys, l2)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
     torch.testing.assert_close(got, solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2), atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
-    assert (used.T @ got.double()).abs().max() < 1e-6 * float(got.abs().max())  # no used direction
+    assert (used.double().T @ got.double()).abs().max() < 1e-6 * float(got.abs().max())  # no used direction
     # Nothing used: the unconstrained regularised solve.
     free = solve_orthogonal_to(used[:, :0], cache, keys, l2)
     hessian = keys.double() @ keys.double().T + cache.double() + l2 * torch.eye(n, dtype=torch.float64)
     torch.testing.assert_close(free, torch.linalg.solve(hessian, keys.double()).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_constrained_form_matches_the_basis_form_without_l2():
+    # L2 = 0 is fine whenever Bᵀ(K Kᵀ + C)B is positive definite, even if K Kᵀ + C is not.
+    torch.manual_seed(5)
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12))
+    mom2 = rotation @ torch.diag(torch.tensor([5.0] * 4 + [0.0] * 8)) @ rotation.T
+    basis, used = null_space_basis(mom2, 0.02), used_space_basis(mom2, 0.02)
+    past = basis @ torch.randn(8, 8)  # C spans exactly the null space: singular in 12 dimensions
+    cache, keys = past @ past.T, torch.randn(12, 1)
+    expected = solve_in_null_space(basis, cache_in_basis(basis, cache), keys, 0.0)
+    got = solve_orthogonal_to(used, cache, keys, 0.0)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-3)
+    # No null space at all: nothing to update.
+    everything = used_space_basis(mom2 + torch.eye(12), 0.02)
+    assert torch.equal(solve_orthogonal_to(everything, cache, keys, 1.0), torch.zeros(12, 1))
 
 
 def test_constrained_form_without_l2_on_a_singular_system_is_a_clear_error():

@@ -512,6 +512,7 @@ def key_moments(model: Any, tok: Any, hparams: Any, layers: Optional[Sequence[in
         rewrite_module_tmp=rewrite,
         layer_module_tmp=hparams.layer_module_tmp,
         stats_dir=None,  # the plugin's own cache, shared with NMKE
+        mom2_dtype="float32",  # NMKE's files; write_easyeditor_stats casts to the baseline's own dtype
     )
     return key_second_moments(model, tok, stats_hparams, list(layers if layers is not None else hparams.layers))
 

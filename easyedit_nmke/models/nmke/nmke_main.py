@@ -110,6 +110,8 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
             state.null_bases[layer] = null_space_basis(moments[layer], hparams.nullspace_threshold).to(device)
         state.add_time("projector", time.perf_counter() - start)
     for layer in hparams.layers:
+        # A resumed state keeps its moments; mom2_dtype sets the precision they are decomposed in.
+        state.key_moments[layer] = state.key_moments[layer].to(getattr(torch, hparams.mom2_dtype))
         if layer not in state.key_cache:
             d_ff = state.null_bases[layer].shape[0]
             state.key_cache[layer] = torch.zeros(d_ff, d_ff, device=device)

@@ -9,7 +9,7 @@ Corpus (``mom2_dataset``): resolved by ``easyedit_nmke.util.corpus`` (a local fi
 folder, WikiText-2 under ``$EASYEDIT_NMKE_DATA_DIR`` or from the hub, else text the
 model writes itself).
 The second moment is cached on disk, keyed by model, layer, the corpus actually used
-(resolved files, hub name or generated) and sample count.
+(resolved files, hub name or generated), sample count and (when not float32) ``mom2_dtype``.
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def used_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Orthonormal basis [n, n − r] of the other eigen-directions (those ordinary text uses), in fp64."""
-    return _split_eigen_directions(mom2, threshold)[1].double()
+    """Orthonormal basis [n, n − r] of the other eigen-directions (those ordinary text uses), in ``mom2``'s dtype."""
+    return _split_eigen_directions(mom2, threshold)[1]
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -180,31 +180,38 @@ def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: to
 def solve_orthogonal_to(used: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
     """The same x as ``solve_in_null_space``, from the used directions U (P = I − U Uᵀ) instead of B.
 
-    x minimises ½ xᵀ H x − xᵀK over Uᵀx = 0, with H = K Kᵀ + C + l2·I, so
-    x = H⁻¹K − H⁻¹U (Uᵀ H⁻¹ U)⁻¹ Uᵀ H⁻¹ K: one n × n Cholesky and n − r right-hand sides.
-    Cheaper than forming Bᵀ C B when there is no cached one and the null space is the
-    larger part (the masked solve: C restricted to the mask changes every edit).
-    Returns x, [n, n_keys].
+    x minimises ½ xᵀ H x − xᵀK over Uᵀx = 0, with H = K Kᵀ + C + l2·I.  Adding μ U Uᵀ to
+    H changes nothing on that subspace and makes the factorised matrix positive definite
+    exactly when Bᵀ H B is (also for l2 = 0), so with G = H + μ U Uᵀ:
+    x = G⁻¹K − G⁻¹U (Uᵀ G⁻¹ U)⁻¹ Uᵀ G⁻¹ K: one n × n Cholesky and n − r right-hand sides.
+    Used where no Bᵀ C B is cached (the masked solve: C restricted to the mask changes
+    every edit).  Returns x, [n, n_keys].
     """
+    n = keys.shape[0]
     keys64 = keys.double()
+    if used.shape[1] == n:  # nothing left to update
+        return torch.zeros(n, keys.shape[1], dtype=torch.float32, device=keys.device)
     hessian = cache.double() + keys64 @ keys64.T
     hessian.diagonal().add_(l2)
     if not torch.isfinite(hessian).all():
         raise ValueError("the null-space system is not finite (NaN/inf in the accumulated or new keys)")
     used = used.to(hessian)
+    scale = max(float(hessian.diagonal().abs().mean()), 1.0)
+    shifted = hessian + scale * (used @ used.T)
     right = torch.cat([keys64, used], dim=1)
-    factor, info = torch.linalg.cholesky_ex(hessian)
+    factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info) == 0:
         solved = torch.cholesky_solve(right, factor)
     elif l2 <= 0:
         raise ValueError(
-            f"the null-space system (n = {hessian.shape[0]}) is not positive definite, so the update is "
-            f"not unique: L2 = {l2} with fewer independent keys than dimensions; use L2 > 0"
+            f"the null-space system (n = {n}, {n - used.shape[1]} null-space directions) is not positive "
+            f"definite, so the update is not unique: L2 = {l2} with fewer independent keys than null-space "
+            f"directions; use L2 > 0"
         )
     else:
         # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can
         # break Cholesky, and a general solve of the symmetrised system still gives x.
-        solved = torch.linalg.solve((hessian + hessian.T) / 2, right)
+        solved = torch.linalg.solve((shifted + shifted.T) / 2, right)
     solved_keys, solved_used = solved.split([keys64.shape[1], used.shape[1]], dim=1)
     if used.shape[1] == 0:
         return solved_keys.float()
