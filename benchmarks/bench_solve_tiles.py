@@ -1,9 +1,14 @@
-"""Two micro benchmarks behind benchmarks/README.md, "After solving in the null-space basis".
+"""Two micro benchmarks behind benchmarks/README.md ("After solving in the null-space basis",
+"The masked solve in fp32, constrained form").
 
-* ``solve``: one masked NMKE solve on SmolLM2's cached layer-6 key statistics (half the
-  neurons kept, one key): AlphaEdit's projector form (projector products + an n x n LU,
-  the code before the change) against ``solve_in_null_space`` (r x r Cholesky in the
-  null-space basis), and the fp64 eigendecomposition both start with.
+* ``solve``: one masked NMKE solve on SmolLM2's cached layer-6 key statistics
+  (``--kept`` of the neurons kept, one key, a 200-key edit cache): AlphaEdit's projector
+  form (projector products + an n x n LU), the r x r Cholesky in the null-space basis
+  with the eigendecomposition in fp64 and in fp32, and the shipped constrained form
+  (``solve_orthogonal_to``: fp32 eigendecomposition, one Cholesky of KKᵀ + C + L2·I),
+  with each form's difference from the fp64 projector form and from the fp64 basis form
+  (shipped before), and its leak into the
+  clearly used directions (eigenvalue ≥ 1.5 × threshold).
 * ``tiles``: the streamed attribution kernel on SmolLM2's shapes (3 prompts, d_ff 1536,
   vocab 49152, cached readout) for several CPU tile sizes.
 
@@ -39,14 +44,16 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def solve_timings(repeats: int) -> dict:
+def solve_timings(repeats: int, kept: float) -> dict:
     from easyedit_nmke.methods import load_hparams
     from easyedit_nmke.models.nmke.nullspace import (
+        cache_in_basis,
         key_second_moments,
         null_space_basis,
         null_space_projector,
-        cache_in_basis,
         solve_in_null_space,
+        solve_orthogonal_to,
+        used_space_basis,
     )
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
@@ -55,7 +62,7 @@ def solve_timings(repeats: int) -> dict:
     mom2 = key_second_moments(model, tok, hparams, [6])[6]
     generator = torch.Generator().manual_seed(0)
     n = mom2.shape[0]
-    index = (torch.rand(n, generator=generator) < 0.5).nonzero().squeeze(1)
+    index = (torch.rand(n, generator=generator) < kept).nonzero().squeeze(1)
     keys = torch.randn(n, 1, generator=generator) * 0.5
     past = torch.randn(n, 200, generator=generator)
     cache = past @ past.T * 0.01
@@ -63,23 +70,40 @@ def solve_timings(repeats: int) -> dict:
     threshold, l2 = hparams.nullspace_threshold, float(hparams.L2)
 
     def projector_form() -> torch.Tensor:
-        projector = null_space_projector(moments_s, threshold)
+        projector = null_space_projector(moments_s.double(), threshold)
         lhs = projector @ (keys_s @ keys_s.T + cache_s)
         lhs.diagonal().add_(l2)
         return torch.linalg.solve(lhs.double(), (projector @ keys_s).double()).float()
 
-    def basis_form() -> torch.Tensor:
-        basis = null_space_basis(moments_s, threshold)
+    def basis_form(moments: torch.Tensor) -> torch.Tensor:
+        basis = null_space_basis(moments, threshold)
         return solve_in_null_space(basis, cache_in_basis(basis, cache_s), keys_s, l2)
 
-    difference = float((projector_form() - basis_form()).abs().max() / projector_form().abs().max())
-    return {
-        "kept_neurons": int(index.numel()),
-        "projector_form_s": best_time(projector_form, repeats),
-        "basis_form_s": best_time(basis_form, repeats),
-        "eigh_fp64_s": best_time(lambda: torch.linalg.eigh(moments_s.double()), repeats),
-        "max_relative_difference": difference,
+    def constrained_form() -> torch.Tensor:
+        return solve_orthogonal_to(used_space_basis(moments_s, threshold), cache_s, keys_s, l2)
+
+    forms = {
+        "projector_fp64": projector_form,
+        "basis_fp64": lambda: basis_form(moments_s.double()),
+        "basis_fp32": lambda: basis_form(moments_s),
+        "constrained_fp32": constrained_form,
     }
+    reference = projector_form().double()
+    previous = basis_form(moments_s.double()).double()  # shipped before fp32 and the constrained form
+    eigenvalues, eigenvectors = torch.linalg.eigh(moments_s.double())
+    clearly_used = eigenvectors[:, eigenvalues >= 1.5 * threshold]
+    result = {"kept_neurons": int(index.numel()), "used_directions": int((eigenvalues >= threshold).sum())}
+    for name, form in forms.items():
+        x = form().double()
+        result[name] = {
+            "seconds": best_time(form, repeats),
+            "max_relative_difference": float((x - reference).abs().max() / reference.abs().max()),
+            "max_relative_difference_from_basis_fp64": float((x - previous).abs().max() / previous.abs().max()),
+            "leak_into_clearly_used": float((clearly_used.T @ x).norm() / x.norm()),
+        }
+    result["eigh_fp64_s"] = best_time(lambda: torch.linalg.eigh(moments_s.double()), repeats)
+    result["eigh_fp32_s"] = best_time(lambda: torch.linalg.eigh(moments_s), repeats)
+    return result
 
 
 def tile_timings(repeats: int, sizes) -> dict:
@@ -119,14 +143,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kept", type=float, default=0.68, help="share of neurons in the mask (hybrid keeps 0.65-0.72)")
     p.add_argument("--tiles", default="65536,262144,1048576,2097152,4194304")
+    p.add_argument("--no-tiles", action="store_true", help="only the solve timings")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {
         "threads": args.threads,
-        "solve": solve_timings(args.repeats),
-        "tiles": tile_timings(args.repeats, [int(x) for x in args.tiles.split(",")]),
+        "solve": solve_timings(args.repeats, args.kept),
+        "tiles": None if args.no_tiles else tile_timings(args.repeats, [int(x) for x in args.tiles.split(",")]),
         "command": command_line(),
     }
     emit(result, args.out)

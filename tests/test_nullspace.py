@@ -30,10 +30,21 @@ def test_projector_keeps_exactly_the_small_eigen_directions():
     torch.testing.assert_close(p @ basis[:, 4:], basis[:, 4:], atol=1e-5, rtol=0)
 
 
+def _basis_form(mom2, cache, keys, l2):
+    basis = null_space_basis(mom2, 0.02)
+    return solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2)
+
+
+def _constrained_form(mom2, cache, keys, l2):
+    return solve_orthogonal_to(used_space_basis(mom2, 0.02), cache, keys, l2)
+
+
+@pytest.mark.parametrize("form", [_basis_form, _constrained_form], ids=["basis", "constrained"])
 @pytest.mark.parametrize("l2", [1.0, 0.1])
-def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
-    # The reduced r x r system must give AlphaEdit's (P(K Kᵀ + C) + l2·I)⁻¹ P K.  (Both are
-    # formed from fp32 inputs, so l2 is kept where the system's condition number is < 1e4.)
+def test_null_space_solves_match_alphaedit_closed_form(form, l2):
+    # The reduced r x r system (basis B) and the constrained form (used directions U) must
+    # both give AlphaEdit's (P(K Kᵀ + C) + l2·I)⁻¹ P K.  (All are formed from fp32 inputs,
+    # so l2 is kept where the system's condition number is < 1e4.)
     torch.manual_seed(1)
     n, n_keys = 40, 3
     corpus = torch.randn(n, 25) * torch.linspace(0.05, 3.0, 25)
@@ -43,35 +54,18 @@ def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
     p = null_space_projector(mom2, 0.02).double()
     lhs = p @ (keys.double() @ keys.double().T + cache.double()) + l2 * torch.eye(n, dtype=torch.float64)
     expected = torch.linalg.solve(lhs, p @ keys.double()).float()
-    basis = null_space_basis(mom2, 0.02)
-    assert 0 < basis.shape[1] < n
-    got = solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2)
+    assert 0 < null_space_basis(mom2, 0.02).shape[1] < n
+    got = form(mom2, cache, keys, l2)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
     torch.testing.assert_close(p.float() @ got, got, atol=1e-5, rtol=0)  # lies in the null space
 
 
-@pytest.mark.parametrize("l2", [1.0, 0.1])
-def test_constrained_form_matches_alphaedit_and_the_basis_form(l2):
-    # From the used directions U instead of the null basis B: the same x.
+def test_constrained_form_without_used_directions_is_the_regularised_solve():
     torch.manual_seed(3)
-    n, n_keys = 40, 2
-    corpus = torch.randn(n, 25) * torch.linspace(0.05, 3.0, 25)
-    mom2 = corpus @ corpus.T / 25
-    past = torch.randn(n, 6)
-    cache, keys = past @ past.T, torch.randn(n, n_keys)
-    p = null_space_projector(mom2, 0.02).double()
-    lhs = p @ (keys.double() @ keys.double().T + cache.double()) + l2 * torch.eye(n, dtype=torch.float64)
-    expected = torch.linalg.solve(lhs, p @ keys.double()).float()
-    used = used_space_basis(mom2, 0.02)
-    basis = null_space_basis(mom2, 0.02)
-    assert used.shape[1] + basis.shape[1] == n and used.shape[1] > 0
-    got = solve_orthogonal_to(used, cache, keys, l2)
-    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
-    torch.testing.assert_close(got, solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2), atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
-    assert (used.double().T @ got.double()).abs().max() < 1e-6 * float(got.abs().max())  # no used direction
-    # Nothing used: the unconstrained regularised solve.
-    free = solve_orthogonal_to(used[:, :0], cache, keys, l2)
-    hessian = keys.double() @ keys.double().T + cache.double() + l2 * torch.eye(n, dtype=torch.float64)
+    past, keys = torch.randn(40, 6), torch.randn(40, 2)
+    cache = past @ past.T
+    free = solve_orthogonal_to(torch.zeros(40, 0), cache, keys, 0.5)
+    hessian = keys.double() @ keys.double().T + cache.double() + 0.5 * torch.eye(40, dtype=torch.float64)
     torch.testing.assert_close(free, torch.linalg.solve(hessian, keys.double()).float(), atol=1e-5, rtol=1e-4)
 
 
