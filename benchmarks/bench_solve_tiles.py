@@ -1,14 +1,12 @@
 """Two micro benchmarks behind benchmarks/README.md ("After solving in the null-space basis",
-"The masked solve in fp32, constrained form").
+"The masked solve in fp32").
 
 * ``solve``: one masked NMKE solve on SmolLM2's cached layer-6 key statistics
   (``--kept`` of the neurons kept, one key, a 200-key edit cache): AlphaEdit's projector
-  form (projector products + an n x n LU), the r x r Cholesky in the null-space basis
-  with the eigendecomposition in fp64 and in fp32, and the shipped constrained form
-  (``solve_orthogonal_to``: fp32 eigendecomposition, one Cholesky of KKᵀ + C + L2·I),
-  with each form's difference from the fp64 projector form and from the fp64 basis form
-  (shipped before), and its leak into the
-  clearly used directions (eigenvalue ≥ 1.5 × threshold).
+  form (projector products + an n x n LU) and the r x r Cholesky in the null-space
+  basis with the eigendecomposition in fp64 and in fp32 (shipped), with each form's
+  difference from the fp64 projector form and from the fp64 basis form (shipped
+  before), and its leak into the clearly used directions (eigenvalue ≥ 1.5 × threshold).
 * ``tiles``: the streamed attribution kernel on SmolLM2's shapes (3 prompts, d_ff 1536,
   vocab 49152, cached readout) for several CPU tile sizes.
 
@@ -52,8 +50,6 @@ def solve_timings(repeats: int, kept: float) -> dict:
         null_space_basis,
         null_space_projector,
         solve_in_null_space,
-        solve_orthogonal_to,
-        used_space_basis,
     )
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
@@ -79,17 +75,13 @@ def solve_timings(repeats: int, kept: float) -> dict:
         basis = null_space_basis(moments, threshold)
         return solve_in_null_space(basis, cache_in_basis(basis, cache_s), keys_s, l2)
 
-    def constrained_form() -> torch.Tensor:
-        return solve_orthogonal_to(used_space_basis(moments_s, threshold), cache_s, keys_s, l2)
-
     forms = {
         "projector_fp64": projector_form,
         "basis_fp64": lambda: basis_form(moments_s.double()),
         "basis_fp32": lambda: basis_form(moments_s),
-        "constrained_fp32": constrained_form,
     }
     reference = projector_form().double()
-    previous = basis_form(moments_s.double()).double()  # shipped before fp32 and the constrained form
+    previous = basis_form(moments_s.double()).double()  # shipped before the fp32 decomposition
     eigenvalues, eigenvectors = torch.linalg.eigh(moments_s.double())
     clearly_used = eigenvectors[:, eigenvalues >= 1.5 * threshold]
     result = {"kept_neurons": int(index.numel()), "used_directions": int((eigenvalues >= threshold).sum())}

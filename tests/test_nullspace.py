@@ -11,8 +11,6 @@ from easyedit_nmke.models.nmke.nullspace import (
     null_space_projector,
     resolve_corpus,
     solve_in_null_space,
-    solve_orthogonal_to,
-    used_space_basis,
 )
 
 from conftest import tiny_hparams, tiny_model
@@ -30,21 +28,10 @@ def test_projector_keeps_exactly_the_small_eigen_directions():
     torch.testing.assert_close(p @ basis[:, 4:], basis[:, 4:], atol=1e-5, rtol=0)
 
 
-def _basis_form(mom2, cache, keys, l2):
-    basis = null_space_basis(mom2, 0.02)
-    return solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2)
-
-
-def _constrained_form(mom2, cache, keys, l2):
-    return solve_orthogonal_to(used_space_basis(mom2, 0.02), cache, keys, l2)
-
-
-@pytest.mark.parametrize("form", [_basis_form, _constrained_form], ids=["basis", "constrained"])
 @pytest.mark.parametrize("l2", [1.0, 0.1])
-def test_null_space_solves_match_alphaedit_closed_form(form, l2):
-    # The reduced r x r system (basis B) and the constrained form (used directions U) must
-    # both give AlphaEdit's (P(K Kᵀ + C) + l2·I)⁻¹ P K.  (All are formed from fp32 inputs,
-    # so l2 is kept where the system's condition number is < 1e4.)
+def test_solve_in_null_space_matches_alphaedit_closed_form(l2):
+    # The reduced r x r system must give AlphaEdit's (P(K Kᵀ + C) + l2·I)⁻¹ P K.  (Both are
+    # formed from fp32 inputs, so l2 is kept where the system's condition number is < 1e4.)
     torch.manual_seed(1)
     n, n_keys = 40, 3
     corpus = torch.randn(n, 25) * torch.linspace(0.05, 3.0, 25)
@@ -54,44 +41,11 @@ def test_null_space_solves_match_alphaedit_closed_form(form, l2):
     p = null_space_projector(mom2, 0.02).double()
     lhs = p @ (keys.double() @ keys.double().T + cache.double()) + l2 * torch.eye(n, dtype=torch.float64)
     expected = torch.linalg.solve(lhs, p @ keys.double()).float()
-    assert 0 < null_space_basis(mom2, 0.02).shape[1] < n
-    got = form(mom2, cache, keys, l2)
+    basis = null_space_basis(mom2, 0.02)
+    assert 0 < basis.shape[1] < n
+    got = solve_in_null_space(basis, cache_in_basis(basis, cache), keys, l2)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
     torch.testing.assert_close(p.float() @ got, got, atol=1e-5, rtol=0)  # lies in the null space
-
-
-def test_constrained_form_without_used_directions_is_the_regularised_solve():
-    torch.manual_seed(3)
-    past, keys = torch.randn(40, 6), torch.randn(40, 2)
-    cache = past @ past.T
-    free = solve_orthogonal_to(torch.zeros(40, 0), cache, keys, 0.5)
-    hessian = keys.double() @ keys.double().T + cache.double() + 0.5 * torch.eye(40, dtype=torch.float64)
-    torch.testing.assert_close(free, torch.linalg.solve(hessian, keys.double()).float(), atol=1e-5, rtol=1e-4)
-
-
-def test_constrained_form_matches_the_basis_form_without_l2():
-    # L2 = 0 is fine whenever Bᵀ(K Kᵀ + C)B is positive definite, even if K Kᵀ + C is not.
-    torch.manual_seed(5)
-    rotation, _ = torch.linalg.qr(torch.randn(12, 12))
-    mom2 = rotation @ torch.diag(torch.tensor([5.0] * 4 + [0.0] * 8)) @ rotation.T
-    basis, used = null_space_basis(mom2, 0.02), used_space_basis(mom2, 0.02)
-    past = basis @ torch.randn(8, 8)  # C spans exactly the null space: singular in 12 dimensions
-    cache, keys = past @ past.T, torch.randn(12, 1)
-    expected = solve_in_null_space(basis, cache_in_basis(basis, cache), keys, 0.0)
-    got = solve_orthogonal_to(used, cache, keys, 0.0)
-    assert expected.abs().max() > 0
-    torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-3)
-    # No null space at all: nothing to update.
-    everything = used_space_basis(mom2 + torch.eye(12), 0.02)
-    assert torch.equal(solve_orthogonal_to(everything, cache, keys, 1.0), torch.zeros(12, 1))
-
-
-def test_constrained_form_without_l2_on_a_singular_system_is_a_clear_error():
-    mom2 = torch.diag(torch.tensor([5.0] * 4 + [0.0] * 8))
-    with pytest.raises(ValueError, match="not positive definite.*L2 > 0"):
-        solve_orthogonal_to(used_space_basis(mom2, 0.02), torch.zeros(12, 12), torch.randn(12, 1), 0.0)
-    with pytest.raises(ValueError, match="not finite"):
-        solve_orthogonal_to(used_space_basis(mom2, 0.02), torch.full((12, 12), float("nan")), torch.randn(12, 1), 1.0)
 
 
 def test_solve_without_l2_and_too_few_keys_is_a_clear_error():
@@ -115,20 +69,6 @@ def test_solve_falls_back_when_rounding_breaks_cholesky():
     basis_keys = (basis.T @ keys).double()
     lhs = indefinite.double() + basis_keys @ basis_keys.T + torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(got, basis @ torch.linalg.solve(lhs, basis_keys).float(), atol=1e-5, rtol=1e-5)
-
-
-def test_constrained_form_falls_back_when_rounding_breaks_cholesky():
-    torch.manual_seed(4)
-    used = used_space_basis(torch.diag(torch.tensor([5.0] * 2 + [0.0] * 6)), 0.02)
-    keys = torch.randn(8, 1)
-    indefinite = -3.0 * torch.eye(8)
-    got = solve_orthogonal_to(used, indefinite, keys, 1.0)
-    # Direct KKT system of the same constrained minimum.
-    hessian = indefinite.double() + keys.double() @ keys.double().T + torch.eye(8, dtype=torch.float64)
-    kkt = torch.zeros(10, 10, dtype=torch.float64)
-    kkt[:8, :8], kkt[:8, 8:], kkt[8:, :8] = hessian, used, used.T
-    expected = torch.linalg.solve(kkt, torch.cat([keys.double(), torch.zeros(2, 1, dtype=torch.float64)]))[:8]
-    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_local_corpus_statistics_are_cached(tokenizer, corpus_file, tmp_path):

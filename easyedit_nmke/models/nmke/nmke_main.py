@@ -42,13 +42,7 @@ from .compute_ks import (
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
-from .nullspace import (
-    key_second_moments,
-    null_space_basis,
-    solve_in_null_space,
-    solve_orthogonal_to,
-    used_space_basis,
-)
+from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
 from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -364,14 +358,14 @@ def _masked_update_coefficients(
     restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
     rows of the full solution instead (``mask_application: zero_update``) both breaks
     the null-space property and loses the share of the update carried by the dropped
-    neurons.  S changes every edit, so there is no cached Bᵀ C B: the solve takes the
-    constrained form, from Σ_SS's used directions.
+    neurons.
     """
     index = keep.nonzero().squeeze(1).to(keys.device)
     moments = state.key_moments[layer]
-    used = used_space_basis(moments[index][:, index], hparams.nullspace_threshold)
+    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
+    cache = cache_in_basis(basis, state.key_cache[layer][index][:, index])
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    coeffs[index] = solve_orthogonal_to(used, state.key_cache[layer][index][:, index], keys[index], hparams.L2)
+    coeffs[index] = solve_in_null_space(basis, cache, keys[index], hparams.L2)
     return coeffs
 
 

@@ -116,28 +116,17 @@ def key_second_moments(
     return result
 
 
-def _split_eigen_directions(mom2: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(null, used): eigenvectors of ``mom2`` with eigenvalue below / at or above ``threshold``.
+def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis [n, r] (fp32) of the eigen-directions of ``mom2`` with eigenvalue below ``threshold``.
 
     The eigendecomposition runs in ``mom2``'s own precision (``mom2_dtype``): an fp64
     decomposition of fp32-stored moments only resolves their rounding.  On SmolLM2
-    (layer 6, a 1,050-neuron mask) fp32 and fp64 give the same null-space dimension and
-    the same largest Rayleigh quotient in it (to 1e-9), and fp32's basis leaks 1e-5 into
-    directions with eigenvalue ≥ 1.5 × threshold, at half the time (benchmarks/README.md).
+    (layer 6, a 1,032-neuron mask) the fp32 solve differs from the fp64 one by 5e-6 and
+    leaks 4e-7 of the update into directions with eigenvalue ≥ 1.5 × threshold, at 0.56×
+    the time (benchmarks/README.md, "The masked solve in fp32").
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(mom2)
-    small = eigenvalues < threshold
-    return eigenvectors[:, small], eigenvectors[:, ~small]
-
-
-def null_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Orthonormal basis [n, r] (fp32) of the eigen-directions of ``mom2`` with eigenvalue below ``threshold``."""
-    return _split_eigen_directions(mom2, threshold)[0].float()
-
-
-def used_space_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Orthonormal basis [n, n − r] of the other eigen-directions (those ordinary text uses), in ``mom2``'s dtype."""
-    return _split_eigen_directions(mom2, threshold)[1]
+    return eigenvectors[:, eigenvalues < threshold].float()
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -176,44 +165,3 @@ def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: to
     # Cholesky, and a general solve of the symmetrised system still gives the update.
     return basis @ torch.linalg.solve((lhs + lhs.T) / 2, basis_keys.double()).float()
 
-
-def solve_orthogonal_to(used: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
-    """The same x as ``solve_in_null_space``, from the used directions U (P = I − U Uᵀ) instead of B.
-
-    x minimises ½ xᵀ H x − xᵀK over Uᵀx = 0, with H = K Kᵀ + C + l2·I.  Adding μ U Uᵀ to
-    H changes nothing on that subspace and makes the factorised matrix positive definite
-    exactly when Bᵀ H B is (also for l2 = 0), so with G = H + μ U Uᵀ:
-    x = G⁻¹K − G⁻¹U (Uᵀ G⁻¹ U)⁻¹ Uᵀ G⁻¹ K: one n × n Cholesky and n − r right-hand sides.
-    Used where no Bᵀ C B is cached (the masked solve: C restricted to the mask changes
-    every edit).  Returns x, [n, n_keys].
-    """
-    n = keys.shape[0]
-    keys64 = keys.double()
-    if used.shape[1] == n:  # nothing left to update
-        return torch.zeros(n, keys.shape[1], dtype=torch.float32, device=keys.device)
-    hessian = cache.double() + keys64 @ keys64.T
-    hessian.diagonal().add_(l2)
-    if not torch.isfinite(hessian).all():
-        raise ValueError("the null-space system is not finite (NaN/inf in the accumulated or new keys)")
-    used = used.to(hessian)
-    scale = max(float(hessian.diagonal().abs().mean()), 1.0)
-    shifted = hessian + scale * (used @ used.T)
-    right = torch.cat([keys64, used], dim=1)
-    factor, info = torch.linalg.cholesky_ex(shifted)
-    if int(info) == 0:
-        solved = torch.cholesky_solve(right, factor)
-    elif l2 <= 0:
-        raise ValueError(
-            f"the null-space system (n = {n}, {n - used.shape[1]} null-space directions) is not positive "
-            f"definite, so the update is not unique: L2 = {l2} with fewer independent keys than null-space "
-            f"directions; use L2 > 0"
-        )
-    else:
-        # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can
-        # break Cholesky, and a general solve of the symmetrised system still gives x.
-        solved = torch.linalg.solve((shifted + shifted.T) / 2, right)
-    solved_keys, solved_used = solved.split([keys64.shape[1], used.shape[1]], dim=1)
-    if used.shape[1] == 0:
-        return solved_keys.float()
-    multipliers = torch.linalg.solve(used.T @ solved_used, used.T @ solved_keys)
-    return (solved_keys - solved_used @ multipliers).float()
