@@ -164,4 +164,3 @@ def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: to
     # Positive definite in exact arithmetic (L2 > 0); rounding in a very large C can break
     # Cholesky, and a general solve of the symmetrised system still gives the update.
     return basis @ torch.linalg.solve((lhs + lhs.T) / 2, basis_keys.double()).float()
-
