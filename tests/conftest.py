@@ -54,6 +54,13 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "gemma3":  # a norm between the FFN and the residual add; sliding-window layers; soft-cap
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=6, final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        ))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=96, n_layer=4, n_head=4,
                                            n_positions=256, initializer_range=0.1))
@@ -80,7 +87,7 @@ TEMPLATES = {
         lm_head_module="lm_head",
     ),
 }
-TEMPLATES["mistral"] = TEMPLATES["qwen2"] = TEMPLATES["llama"]
+TEMPLATES["mistral"] = TEMPLATES["qwen2"] = TEMPLATES["gemma3"] = TEMPLATES["llama"]
 
 
 @pytest.fixture

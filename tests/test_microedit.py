@@ -63,7 +63,7 @@ def logits(model, tok, texts):
 TEXTS = ["The capital city of Norway is Oslo", "A small bakery sells bread"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gemma3"])
 def test_bypassed_sae_leaves_logits_identical(arch, tokenizer, sae_dir):
     model = tiny_model(arch, len(tokenizer))
     before = logits(model, tokenizer, TEXTS)

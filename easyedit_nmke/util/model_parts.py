@@ -103,6 +103,69 @@ def mlp_residual_contribution_module(model: nn.Module, layer_module: str, mlp_mo
     return mlp_module
 
 
+def post_ffn_norm(model: nn.Module, layer_module: str) -> Optional[nn.Module]:
+    """The norm between the FFN output and the residual add (Gemma), or None."""
+    return getattr(get_module(model, layer_module), "post_feedforward_layernorm", None)
+
+
+def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_change: torch.Tensor) -> torch.Tensor:
+    """The change of the down projection's output that changes the residual stream by ``residual_change``.
+
+    Without a post-FFN norm the two are the same.  Gemma adds ``g ⊙ y / rms(y)`` (y the
+    down projection's output), which only reaches vectors of the form g ⊙ u with
+    rms(u) = 1: the new output is taken along ``u ∝ (g ⊙ y / rms(y) + r) / g`` at y's own
+    rms, the closest the norm allows (the direction is matched, the length cannot be;
+    later edit layers see the actual change and make up the rest).
+
+    Args:
+        norm: ``post_ffn_norm(...)`` of the layer, or None.
+        output: [d, n] the down projection's current output for each key.
+        residual_change: [d, n] the wanted change of what the FFN adds to the residual stream.
+    """
+    if norm is None:
+        return residual_change
+    kind, gain, _, eps = norm_parameters(norm)
+    if kind != "rms":
+        raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
+    g = gain.detach().float().to(output.device)[:, None]
+    y = output.float()
+    rms_y = y.pow(2).mean(0, keepdim=True).add(eps).sqrt()
+    wanted = (g * y / rms_y + residual_change.float()) / g
+    rms_wanted = wanted.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
+    return wanted * (rms_y / rms_wanted) - y
+
+
+def linearised_ffn_writes(
+    norm: Optional[nn.Module], down: torch.Tensor, activations: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Neuron write vectors and activations as seen by the residual stream.
+
+    Neuron i adds m_i·v_i to the residual stream, unless a norm follows the FFN (Gemma:
+    g ⊙ y / rms(y), y = V m).  There the first-order change from scaling m_i is
+    (m_i / rms(y)) · (g ⊙ v_i) (the norm's Jacobian without its rank-one term along y),
+    so the attribution uses write vectors g ⊙ v_i and activations m / rms(y) per prompt.
+
+    Args:
+        norm: ``post_ffn_norm(...)`` of the layer, or None.
+        down: [d, d_ff] down-projection weight (or any [d, k] change of it).
+        activations: [P, d_ff] neuron activations, or None when only the write vectors
+            are wanted.
+    Returns:
+        ([d, d_ff] write vectors, [P, d_ff] activations or None).
+    """
+    if norm is None:
+        return down, activations
+    kind, gain, _, eps = norm_parameters(norm)
+    if kind != "rms":
+        raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
+    g = gain.detach().to(device=down.device, dtype=down.dtype)[:, None]
+    if activations is None:
+        return g * down, None
+    outputs = activations.to(down.dtype) @ down.T  # [P, d]
+    rms = outputs.float().pow(2).mean(1, keepdim=True).add(eps).sqrt()
+    return g * down, activations / rms.to(activations.dtype)
+
+
 def logits_at(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -27,7 +27,10 @@ from ...util.model_parts import (
     check_module_templates,
     down_weight,
     down_weight_param_shape_update,
+    ffn_output_change,
+    linearised_ffn_writes,
     norm_parameters,
+    post_ffn_norm,
     unembedding,
 )
 from ...util.requests import EditRequest, normalise_requests
@@ -170,7 +173,8 @@ def compute_neuron_masks(
     masks = {}
     for layer in hparams.layers:
         module = nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))
-        weight = down_weight(module)
+        norm_after_ffn = post_ffn_norm(model, hparams.layer_module_tmp.format(layer))
+        weight, _ = linearised_ffn_writes(norm_after_ffn, down_weight(module).detach(), inputs[0].activations[layer])
         readout = _readout_matrix(
             state, layer, module.weight, weight, unembed.detach(), norm, hparams.attribution_cache_readout
         )
@@ -178,8 +182,8 @@ def compute_neuron_masks(
             [
                 neuron_attribution_scores(
                     x.hidden[layer],
-                    x.activations[layer],
-                    weight.detach(),
+                    linearised_ffn_writes(norm_after_ffn, down_weight(module).detach(), x.activations[layer])[1],
+                    weight,
                     unembed.detach(),
                     norm,
                     x.token_ids,
@@ -270,6 +274,13 @@ def execute_nmke(
                         [layer_output_at_subject(model, tok, r, hparams, layers[-1]) for r in requests], dim=1
                     )
                 residual = (zs - current) / (len(layers) - i)  # [d, n]
+                # What the down projection must add so that the residual stream moves by
+                # `residual` (the same vector unless a norm follows the FFN, as in Gemma).
+                norm_after_ffn = post_ffn_norm(model, hparams.layer_module_tmp.format(layer))
+                output_change = residual
+                if norm_after_ffn is not None:
+                    output = down_weight(modules[layer]).float() @ keys.to(modules[layer].weight.device).float()
+                    output_change = ffn_output_change(norm_after_ffn, output, residual)
                 state.add_time("keys", time.perf_counter() - start)
 
                 start = time.perf_counter()
@@ -281,22 +292,24 @@ def execute_nmke(
                     if hparams.mask_application == "zero_update":
                         coeffs[~masks[layer].keep.to(coeffs.device)] = 0
                     info["kept_fraction"][layer] = masks[layer].kept_fraction
-                if not torch.isfinite(coeffs).all() or not torch.isfinite(residual).all():
+                if not torch.isfinite(coeffs).all() or not torch.isfinite(output_change).all():
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
-                delta = residual @ coeffs.T  # [d, d_ff]
+                delta = output_change @ coeffs.T  # [d, d_ff]
+                # The cached readout holds the write vectors as the residual stream sees them.
+                readout_change = linearised_ffn_writes(norm_after_ffn, output_change)[0]
                 weight = modules[layer].weight
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
                 entry = state.readout.get(layer)
                 if entry is not None and norm is not None:
                     if fast:  # applied below, all layers at once
-                        pending_readout.append((layer, residual, coeffs))
+                        pending_readout.append((layer, readout_change, coeffs))
                     else:
-                        entry.matrix.add_(readout_product(unembed.detach(), residual, norm) @ coeffs.T)
+                        entry.matrix.add_(readout_product(unembed.detach(), readout_change, norm) @ coeffs.T)
                         entry.weight_version = weight._version
                 state.add_time("solve", time.perf_counter() - start)
             if pending_readout:
-                # The cached U·diag(g)·V changes by (U·diag(g)·residual)·coeffsᵀ per layer: one pass
-                # over U for all layers' residuals, then in-place rank-n updates (no [vocab × d_ff] temporary).
+                # The cached U·diag(g)·V changes by (U·diag(g)·change)·coeffsᵀ per layer: one pass
+                # over U for all layers' changes, then in-place rank-n updates (no [vocab × d_ff] temporary).
                 start = time.perf_counter()
                 products = readout_product(unembed.detach(), torch.cat([r for _, r, _ in pending_readout], 1), norm)
                 for (layer, _, coeffs), update in zip(
