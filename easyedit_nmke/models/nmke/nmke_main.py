@@ -174,7 +174,7 @@ def compute_neuron_masks(
     for layer in hparams.layers:
         module = nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))
         norm_after_ffn = post_ffn_norm(model, hparams.layer_module_tmp.format(layer))
-        weight, _ = linearised_ffn_writes(norm_after_ffn, down_weight(module).detach(), inputs[0].activations[layer])
+        weight, _ = linearised_ffn_writes(norm_after_ffn, down_weight(module).detach())
         readout = _readout_matrix(
             state, layer, module.weight, weight, unembed.detach(), norm, hparams.attribution_cache_readout
         )
