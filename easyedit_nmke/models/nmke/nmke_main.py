@@ -10,6 +10,11 @@ Per call (one batch of requests; batch size 1 in lifelong editing):
 4. C += K Kᵀ with the keys recomputed on the edited model (as AlphaEdit).
 
 ``mask_mode: none`` skips steps 2 and the masking: it is AlphaEdit.
+
+Where a norm sits between the FFN and the residual add (Gemma), R is first turned into
+the change of the down projection's output that the norm lets through
+(``util.model_parts.ffn_output_change``), and the attribution reads each neuron through
+the norm's linearisation (``linearised_ffn_writes``).
 """
 from __future__ import annotations
 
