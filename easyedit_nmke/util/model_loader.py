@@ -57,8 +57,7 @@ _ALIASES = {
     "huggingfacetb/smollm2-135m-instruct": DEFAULT_MODEL_NAME,
     "gemma-3-270m": GEMMA3_MODEL_NAME,
     "gemma3-270m": GEMMA3_MODEL_NAME,
-    "google/gemma-3-270m": GEMMA3_MODEL_NAME,
-}
+}  # "google/gemma-3-270m" stays a hub id: the embedded copy is dequantised from Q4_K_M
 
 
 def cache_root() -> Path:
@@ -75,16 +74,22 @@ def is_embedded(model_name: str) -> bool:
     return model_name.lower() in _ALIASES
 
 
+def _assembled_path(embedded: EmbeddedModel) -> Path:
+    return cache_root() / "gguf" / embedded.filename
+
+
 def _locate_gguf(embedded: EmbeddedModel) -> Path:
     package = embedded.package
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"The embedded model {embedded.filename} needs the wheel: {embedded.install}")
     if embedded.assembled:
-        path = Path(importlib.import_module(package).assemble())
-        if path.is_file():
-            return path
-        raise FileNotFoundError(f"{package}.assemble() did not produce {embedded.filename}")
+        # Into the plugin's cache, not the package's default (~/.cache/<package>); removed
+        # again once converted (embedded_model_dir).
+        produced = importlib.import_module(package).assemble(output_path=_assembled_path(embedded))
+        if produced is None or not Path(produced).is_file() or Path(produced).name != embedded.filename:
+            raise FileNotFoundError(f"{package}.assemble() did not produce {embedded.filename} (got {produced!r})")
+        return Path(produced)
     # Locate the file without importing the package (see EmbeddedModel.assembled).
     for location in spec.submodule_search_locations:
         path = Path(location) / embedded.filename
@@ -99,7 +104,8 @@ def embedded_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> Path:
     target = cache_root() / "models" / key
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf_path = _locate_gguf(EMBEDDED_MODELS[key])
+    embedded = EMBEDDED_MODELS[key]
+    gguf_path = _locate_gguf(embedded)
     print(f"[easyedit-nmke] converting {gguf_path.name} to fp32 safetensors in {target} (once)")
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -118,6 +124,8 @@ def embedded_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> Path:
 
         shutil.rmtree(target)
     tmp.rename(target)
+    if embedded.assembled:
+        gguf_path.unlink(missing_ok=True)  # the wheels can assemble it again
     return target
 
 

@@ -78,13 +78,13 @@ def final_logit_softcap(model: nn.Module) -> Optional[float]:
     return getattr(config, "final_logit_softcapping", None)
 
 
-def norm_parameters(norm: nn.Module) -> Tuple[str, torch.Tensor, Optional[torch.Tensor], float]:
-    """(kind, effective gain, bias, eps) of a final norm module."""
+def norm_parameters(norm: nn.Module, role: str = "final norm") -> Tuple[str, torch.Tensor, Optional[torch.Tensor], float]:
+    """(kind, effective gain, bias, eps) of a norm module (``role`` names it in errors)."""
     if isinstance(norm, nn.LayerNorm):
         return "layer", norm.weight, norm.bias, float(norm.eps)
     weight = getattr(norm, "weight", None)
     if weight is None:
-        raise ArchitectureError(f"final norm {type(norm).__name__} has no weight")
+        raise ArchitectureError(f"{role} {type(norm).__name__} has no weight")
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         eps = getattr(norm, "eps", 1e-6)
@@ -110,31 +110,54 @@ def post_ffn_norm(model: nn.Module, layer_module: str) -> Optional[nn.Module]:
     return getattr(get_module(model, layer_module), "post_feedforward_layernorm", None)
 
 
-def _closest_on_norm_sphere(gain: torch.Tensor, target: torch.Tensor, iterations: int = 100) -> torch.Tensor:
-    """argmin over v with mean(v²) = 1 of ‖g ⊙ v − t‖², per column ([d, n], float64).
+def _closest_on_norm_sphere(
+    gain: torch.Tensor, target: torch.Tensor, hint: torch.Tensor, iterations: int = 100
+) -> torch.Tensor:
+    """argmin over v with mean(v²) = 1 of ‖g ⊙ v − t‖², per column (float64).
 
-    Stationary points are v = g ⊙ t / (g² + μ); the minimiser has the μ > −min g² (over the
-    coordinates with g ⊙ t ≠ 0) at which mean(v²) = 1, found by bisection (mean(v²) falls
-    monotonically in μ there).  Unlike dividing by g, coordinates where the gain is
-    (nearly) zero -- the norm cannot write there -- get nothing.
+    Args:
+        gain: [d, 1] g.  target: [d, n] t.  hint: [d, n] direction used where the objective
+            does not care (coordinates of the smallest gain in the "hard case" below).
+
+    The minimiser is v = g ⊙ t / (g² + μ) with μ ≥ μ₀ = −min g² (over all coordinates) and
+    mean(v²) = 1; mean(v²) falls monotonically in μ > μ₀, so μ is found by bisection.  When
+    t is zero on every coordinate of the smallest gain and the other coordinates at μ₀
+    stay inside the sphere (the "hard case"; with Gemma's exactly-zero gains, whenever the
+    wanted contribution is reachable or small), μ = μ₀ and the remaining length goes to
+    those coordinates, along ``hint`` (the current output, so a zero change stays zero).
     """
     d = gain.shape[0]
+    g2 = gain * gain  # [d, 1]
     gt = gain * target  # [d, n]
-    g2 = (gain * gain).expand_as(gt)
     active = gt != 0
-    lower = torch.where(active, -g2, torch.full_like(g2, -math.inf)).amax(0)  # −min g² over active coords
-    upper = gt.norm(dim=0) / math.sqrt(d)  # mean(v²) ≤ 1 from here on
-    lower = torch.minimum(lower, upper)
+    mu0 = -g2.min()
+    smallest = g2 == g2.min()  # [d, 1]
+
+    def solution(mu: torch.Tensor) -> torch.Tensor:  # mu: [n]; masked so 0/0 never happens
+        return torch.where(active, gt / torch.where(active, g2 + mu, torch.ones_like(gt)), torch.zeros_like(gt))
+
+    # Hard case: nothing to fit on the smallest-gain coordinates and room left at μ₀.
+    at_mu0 = torch.where(smallest, torch.zeros_like(gt), solution(mu0.expand(gt.shape[1])))
+    room = d - at_mu0.pow(2).sum(0)  # [n]
+    hard = (~(active & smallest).any(0)) & (room >= 0)
+    fill = torch.where(smallest, hint, torch.zeros_like(hint))
+    fill_norm = fill.norm(dim=0)
+    uniform = smallest.to(gt.dtype).expand_as(gt)
+    fill = torch.where(fill_norm > 0, fill / fill_norm.clamp_min(1e-300), uniform / uniform.norm(dim=0))
+    hard_v = at_mu0 + fill * room.clamp_min(0).sqrt()
+
+    lower = mu0.expand(gt.shape[1]).clone()
+    upper = torch.maximum(gt.norm(dim=0) / math.sqrt(d), lower)  # mean(v²) ≤ 1 from here on
     for _ in range(iterations):
         mid = (lower + upper) / 2
-        too_long = (gt / (g2 + mid)).pow(2).mean(0) > 1
+        too_long = solution(mid).pow(2).mean(0) > 1
         lower = torch.where(too_long, mid, lower)
         upper = torch.where(too_long, upper, mid)
-    return gt / (g2 + upper)
+    return torch.where(hard, hard_v, solution(upper))
 
 
 def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_change: torch.Tensor) -> torch.Tensor:
-    """The change of the down projection's output that changes the residual stream by ``residual_change``.
+    """The change of the down projection's output that best makes the residual stream move by ``residual_change``.
 
     Without a post-FFN norm the two are the same.  Gemma adds ``g ⊙ y / rms(y)`` (y the
     down projection's output), which only reaches vectors g ⊙ v with rms(v) = 1, and its
@@ -150,15 +173,16 @@ def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_
     """
     if norm is None:
         return residual_change
-    kind, gain, _, eps = norm_parameters(norm)
+    kind, gain, _, eps = norm_parameters(norm, role="post-FFN norm")
     if kind != "rms":
         raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
     g = gain.detach().double().to(output.device)[:, None]
     y = output.double()
-    rms_y = y.pow(2).mean(0, keepdim=True).add(eps).sqrt()
-    wanted = g * y / rms_y + residual_change.double()
-    new = _closest_on_norm_sphere(g, wanted) * y.pow(2).mean(0, keepdim=True).sqrt()
-    return (new - y).to(residual_change.dtype)
+    mean_square = y.pow(2).mean(0, keepdim=True)
+    wanted = g * y * torch.rsqrt(mean_square + eps) + residual_change.double().to(output.device)
+    # At rms s the norm writes g ⊙ v · s / sqrt(s² + eps); keeping y's s, aim that much higher.
+    v = _closest_on_norm_sphere(g, wanted * torch.sqrt(1 + eps / mean_square.clamp_min(1e-300)), y)
+    return (v * mean_square.sqrt() - y).to(residual_change.dtype)
 
 
 def linearised_ffn_writes(
@@ -167,9 +191,12 @@ def linearised_ffn_writes(
     """Neuron write vectors and activations as seen by the residual stream.
 
     Neuron i adds m_i·v_i to the residual stream, unless a norm follows the FFN (Gemma:
-    g ⊙ y / rms(y), y = V m).  There the first-order change from scaling m_i is
-    (m_i / rms(y)) · (g ⊙ v_i) (the norm's Jacobian without its rank-one term along y),
-    so the attribution uses write vectors g ⊙ v_i and activations m / rms(y) per prompt.
+    g ⊙ y / rms(y), y = V m).  There the norm's Jacobian maps m_i·v_i to
+    (m_i / rms(y)) · (g ⊙ v_i) minus a part along g ⊙ y; that part is dropped (the norm is
+    scale invariant, so it sums to about zero over all neurons), which makes the kept
+    terms add up exactly to the FFN's contribution g ⊙ y / rms(y), as the m_i·v_i add up
+    to y without a norm.  So the attribution uses write vectors g ⊙ v_i and activations
+    m / rms(y) per prompt (fp32).
 
     Args:
         norm: ``post_ffn_norm(...)`` of the layer, or None.
@@ -181,15 +208,16 @@ def linearised_ffn_writes(
     """
     if norm is None:
         return down, activations
-    kind, gain, _, eps = norm_parameters(norm)
+    kind, gain, _, eps = norm_parameters(norm, role="post-FFN norm")
     if kind != "rms":
         raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
-    g = gain.detach().to(device=down.device, dtype=down.dtype)[:, None]
+    down = down.float()  # fp32 whatever the model's dtype: the readout cache is fp32
+    g = gain.detach().to(device=down.device, dtype=torch.float32)[:, None]
     if activations is None:
         return g * down, None
-    outputs = activations.to(down.dtype) @ down.T  # [P, d]
-    rms = outputs.float().pow(2).mean(1, keepdim=True).add(eps).sqrt()
-    return g * down, activations / rms.to(activations.dtype)
+    activations = activations.float().to(down.device)
+    rms = (activations @ down.T).pow(2).mean(1, keepdim=True).add(eps).sqrt()  # [P, 1]
+    return g * down, activations / rms
 
 
 def logits_at(

@@ -284,6 +284,7 @@ def execute_nmke(
                 norm_after_ffn = post_ffn_norm(model, hparams.layer_module_tmp.format(layer))
                 output_change = residual
                 if norm_after_ffn is not None:
+                    # Linearised at the output for the averaged key, the same key the solve fits.
                     output = down_weight(modules[layer]).float() @ keys.to(modules[layer].weight.device).float()
                     output_change = ffn_output_change(norm_after_ffn, output, residual)
                 state.add_time("keys", time.perf_counter() - start)
@@ -298,7 +299,7 @@ def execute_nmke(
                         coeffs[~masks[layer].keep.to(coeffs.device)] = 0
                     info["kept_fraction"][layer] = masks[layer].kept_fraction
                 if not torch.isfinite(coeffs).all() or not torch.isfinite(output_change).all():
-                    raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve)")
+                    raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve or the keys)")
                 delta = output_change @ coeffs.T  # [d, d_ff]
                 # The cached readout holds the write vectors as the residual stream sees them.
                 readout_change = linearised_ffn_writes(norm_after_ffn, output_change)[0]

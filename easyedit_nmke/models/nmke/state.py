@@ -24,7 +24,13 @@ STATE_VERSION = 2  # 1 stored projectors P = B Bᵀ; they still load (basis reco
 
 @dataclass
 class ReadoutCache:
-    """U·diag(g)·V of one layer and the weight version it was computed for."""
+    """U·diag(g)·V of one layer and the weight version it was computed for.
+
+    V holds the neurons' write vectors as the residual stream sees them: the down
+    projection's columns, times the post-FFN norm's gain where there is one (Gemma;
+    ``util.model_parts.linearised_ffn_writes``).  Only the down projection's version is
+    tracked: the unembedding and the norms are never edited.
+    """
 
     matrix: torch.Tensor
     weight_version: int
