@@ -23,10 +23,12 @@
 # methods to keep from the chosen groups (e.g. ONLY="NMKE:general FT").
 # Outputs: $OUT/cells/*.json (one per cell), $OUT/results.md, $OUT/plots/*.png,
 # $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints).
-# Cost per edit on the 2-core dev machine, one thread per cell, other core busy: NMKE
-# ~30 s, FT ~5 s, ROME ~70-80 s, MEMIT ~90-150 s (PyPI compute_z: 25 full-model
-# forward/backward steps, no early stop), plus ~2 min per cell for MMLU/WikiText-2 before
-# and after.  A T=1000 NMKE cell takes ~9 h, a T=1000 MEMIT cell more than a day.
+# Cost per edit on the 2-core dev machine, one thread per cell, one other job on the
+# second core (about twice that with three jobs on two cores): NMKE 4-9 s on ZsRE
+# (90-130 s on the long hallucination passages), FT ~5 s, ROME ~35 s, MEMIT ~40 s
+# (PyPI compute_z: up to 25 full-model forward/backward steps), plus ~2 min per cell for
+# MMLU/WikiText-2 before and after.  A T=1000 NMKE cell takes ~2-3 h, a T=1000 MEMIT
+# cell ~12 h.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
