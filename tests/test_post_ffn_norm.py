@@ -13,6 +13,7 @@ from easyedit_nmke.util import nethook
 from easyedit_nmke.util.model_parts import (
     down_weight,
     ffn_output_change,
+    linearised_ffn_activations,
     linearised_ffn_writes,
     post_ffn_norm,
     unembedding,
@@ -110,7 +111,7 @@ def test_linearised_writes_are_the_norm_jacobian_up_to_the_output_direction():
     model, norm = _gemma_norm()
     down = down_weight(nethook.get_module(model, "model.layers.1.mlp.down_proj")).detach()  # [d, d_ff]
     activations = torch.randn(2, down.shape[1], generator=torch.Generator().manual_seed(3))
-    writes, scaled = linearised_ffn_writes(norm, down, activations)
+    writes, scaled = linearised_ffn_writes(norm, down), linearised_ffn_activations(norm, down, activations)
     gain = 1.0 + norm.weight.detach()
     for p in range(2):
         y = down @ activations[p]
@@ -124,8 +125,8 @@ def test_linearised_writes_are_the_norm_jacobian_up_to_the_output_direction():
         torch.testing.assert_close(residual - along[:, None] * (along @ residual), torch.zeros_like(residual), atol=1e-5, rtol=0)
         # The kept terms add up to the FFN's actual contribution.
         torch.testing.assert_close(approx.sum(1), norm(y[None])[0], rtol=1e-4, atol=1e-5)
-    unchanged = linearised_ffn_writes(None, down, activations)
-    assert unchanged[0] is down and unchanged[1] is activations
+    assert linearised_ffn_writes(None, down) is down
+    assert linearised_ffn_activations(None, down, activations) is activations
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
@@ -140,7 +141,7 @@ def test_gemma_edit_keeps_the_readout_cache_of_the_write_vectors_exact(fast_path
 
     def fresh(layer):
         module = nethook.get_module(model, hp.rewrite_module_tmp.format(layer))
-        writes, _ = linearised_ffn_writes(post_ffn_norm(model, f"model.layers.{layer}"), down_weight(module).detach())
+        writes = linearised_ffn_writes(post_ffn_norm(model, f"model.layers.{layer}"), down_weight(module).detach())
         return readout_product(unembed.detach(), writes, _readout_norm(model, hp))
 
     before = {layer: fresh(layer) for layer in hp.layers}

@@ -8,7 +8,6 @@ the down projection as a ``[d, d_ff]`` matrix so the algorithm has one orientati
 from __future__ import annotations
 
 import math
-
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -99,8 +98,7 @@ def mlp_residual_contribution_module(model: nn.Module, layer_module: str, mlp_mo
     Gemma applies a post-feedforward norm before the residual add; elsewhere the MLP
     output itself is added.
     """
-    block = get_module(model, layer_module)
-    if hasattr(block, "post_feedforward_layernorm"):
+    if post_ffn_norm(model, layer_module) is not None:
         return f"{layer_module}.post_feedforward_layernorm"
     return mlp_module
 
@@ -108,6 +106,13 @@ def mlp_residual_contribution_module(model: nn.Module, layer_module: str, mlp_mo
 def post_ffn_norm(model: nn.Module, layer_module: str) -> Optional[nn.Module]:
     """The norm between the FFN output and the residual add (Gemma), or None."""
     return getattr(get_module(model, layer_module), "post_feedforward_layernorm", None)
+
+
+def _post_ffn_gain_and_eps(norm: nn.Module) -> Tuple[torch.Tensor, float]:
+    kind, gain, _, eps = norm_parameters(norm, role="post-FFN norm")
+    if kind != "rms":
+        raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
+    return gain.detach(), eps
 
 
 def _closest_on_norm_sphere(
@@ -173,10 +178,8 @@ def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_
     """
     if norm is None:
         return residual_change
-    kind, gain, _, eps = norm_parameters(norm, role="post-FFN norm")
-    if kind != "rms":
-        raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
-    g = gain.detach().double().to(output.device)[:, None]
+    gain, eps = _post_ffn_gain_and_eps(norm)
+    g = gain.double().to(output.device)[:, None]
     y = output.double()
     mean_square = y.pow(2).mean(0, keepdim=True)
     wanted = g * y * torch.rsqrt(mean_square + eps) + residual_change.double().to(output.device)
@@ -185,39 +188,42 @@ def ffn_output_change(norm: Optional[nn.Module], output: torch.Tensor, residual_
     return (v * mean_square.sqrt() - y).to(residual_change.dtype)
 
 
-def linearised_ffn_writes(
-    norm: Optional[nn.Module], down: torch.Tensor, activations: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Neuron write vectors and activations as seen by the residual stream.
+def linearised_ffn_writes(norm: Optional[nn.Module], down: torch.Tensor) -> torch.Tensor:
+    """Neuron write vectors as the residual stream sees them: ``down`` itself, or g ⊙ v_i after a norm.
 
     Neuron i adds m_i·v_i to the residual stream, unless a norm follows the FFN (Gemma:
     g ⊙ y / rms(y), y = V m).  There the norm's Jacobian maps m_i·v_i to
     (m_i / rms(y)) · (g ⊙ v_i) minus a part along g ⊙ y; that part is dropped (the norm is
     scale invariant, so it sums to about zero over all neurons), which makes the kept
     terms add up exactly to the FFN's contribution g ⊙ y / rms(y), as the m_i·v_i add up
-    to y without a norm.  So the attribution uses write vectors g ⊙ v_i and activations
-    m / rms(y) per prompt (fp32).
+    to y without a norm.  So the attribution uses write vectors g ⊙ v_i (this function)
+    and activations m / rms(y) per prompt (``linearised_ffn_activations``), in fp32.
 
     Args:
         norm: ``post_ffn_norm(...)`` of the layer, or None.
         down: [d, d_ff] down-projection weight (or any [d, k] change of it).
-        activations: [P, d_ff] neuron activations, or None when only the write vectors
-            are wanted.
-    Returns:
-        ([d, d_ff] write vectors, [P, d_ff] activations or None).
     """
     if norm is None:
-        return down, activations
-    kind, gain, _, eps = norm_parameters(norm, role="post-FFN norm")
-    if kind != "rms":
-        raise ArchitectureError(f"post-FFN norm {type(norm).__name__} is not an RMSNorm")
-    down = down.float()  # fp32 whatever the model's dtype: the readout cache is fp32
-    g = gain.detach().to(device=down.device, dtype=torch.float32)[:, None]
-    if activations is None:
-        return g * down, None
+        return down
+    gain, _ = _post_ffn_gain_and_eps(norm)
+    # fp32 whatever the model's dtype: the readout cache is fp32.
+    return gain.to(device=down.device, dtype=torch.float32)[:, None] * down.float()
+
+
+def linearised_ffn_activations(norm: Optional[nn.Module], down: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """Neuron activations to go with ``linearised_ffn_writes``: ``activations``, or m / rms(V m) per prompt.
+
+    Args:
+        norm: ``post_ffn_norm(...)`` of the layer, or None.
+        down: [d, d_ff] down-projection weight.
+        activations: [P, d_ff] neuron activations.
+    """
+    if norm is None:
+        return activations
+    _, eps = _post_ffn_gain_and_eps(norm)
     activations = activations.float().to(down.device)
-    rms = (activations @ down.T).pow(2).mean(1, keepdim=True).add(eps).sqrt()  # [P, 1]
-    return g * down, activations / rms
+    rms = (activations @ down.float().T).pow(2).mean(1, keepdim=True).add(eps).sqrt()  # [P, 1]
+    return activations / rms
 
 
 def logits_at(

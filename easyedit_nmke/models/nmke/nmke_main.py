@@ -14,7 +14,7 @@ Per call (one batch of requests; batch size 1 in lifelong editing):
 Where a norm sits between the FFN and the residual add (Gemma), R is first turned into
 the change of the down projection's output that the norm lets through
 (``util.model_parts.ffn_output_change``), and the attribution reads each neuron through
-the norm's linearisation (``linearised_ffn_writes``).
+the norm's linearisation (``linearised_ffn_writes`` / ``_activations``).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from ...util.model_parts import (
     down_weight,
     down_weight_param_shape_update,
     ffn_output_change,
+    linearised_ffn_activations,
     linearised_ffn_writes,
     norm_parameters,
     post_ffn_norm,
@@ -179,7 +180,8 @@ def compute_neuron_masks(
     for layer in hparams.layers:
         module = nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))
         norm_after_ffn = post_ffn_norm(model, hparams.layer_module_tmp.format(layer))
-        weight, _ = linearised_ffn_writes(norm_after_ffn, down_weight(module).detach())
+        down = down_weight(module).detach()
+        weight = linearised_ffn_writes(norm_after_ffn, down)
         readout = _readout_matrix(
             state, layer, module.weight, weight, unembed.detach(), norm, hparams.attribution_cache_readout
         )
@@ -187,7 +189,7 @@ def compute_neuron_masks(
             [
                 neuron_attribution_scores(
                     x.hidden[layer],
-                    linearised_ffn_writes(norm_after_ffn, down_weight(module).detach(), x.activations[layer])[1],
+                    linearised_ffn_activations(norm_after_ffn, down, x.activations[layer]),
                     weight,
                     unembed.detach(),
                     norm,
@@ -302,7 +304,7 @@ def execute_nmke(
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve or the keys)")
                 delta = output_change @ coeffs.T  # [d, d_ff]
                 # The cached readout holds the write vectors as the residual stream sees them.
-                readout_change = linearised_ffn_writes(norm_after_ffn, output_change)[0]
+                readout_change = linearised_ffn_writes(norm_after_ffn, output_change)
                 weight = modules[layer].weight
                 weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
                 entry = state.readout.get(layer)
