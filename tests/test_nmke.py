@@ -540,3 +540,66 @@ def test_shared_hidden_readout_gives_the_same_scores(kind):
             neuron_attribution_scores(*args, backend="torch", hidden_logits=logits),
             neuron_attribution_scores(*args, backend="torch"),
         )
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mask_plan_overlapping_z_gives_the_same_edit(two_threads, tokenizer, corpus_file, tmp_path, monkeypatch):
+    """attribution_overlap runs the mask plan in a second thread during z: same masks, weights and statistics."""
+    import threading
+
+    from easyedit_nmke.models.nmke import nmke_main
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    sequential = tiny_model("llama", len(tokenizer))
+    overlapped = copy.deepcopy(sequential)
+    planned_on = []
+    plan_masks = nmke_main.plan_masks
+
+    def recording_plan_masks(*args, **kwargs):
+        planned_on.append(threading.current_thread().name)
+        return plan_masks(*args, **kwargs)
+
+    monkeypatch.setattr(nmke_main, "plan_masks", recording_plan_masks)
+    for request in REQUESTS[:3]:
+        apply_nmke_to_model(sequential, tokenizer, [request], hp.replace(attribution_overlap=False))
+        apply_nmke_to_model(overlapped, tokenizer, [request], hp)
+        for key in ("z_steps", "kept_fraction"):
+            assert get_state(overlapped).last_edit_info[key] == get_state(sequential).last_edit_info[key]
+    assert planned_on[0::2] == [threading.main_thread().name] * 3
+    assert all(name.startswith("nmke-masks") for name in planned_on[1::2])
+    assert "mask_wait" in get_state(overlapped).timings and "mask_wait" not in get_state(sequential).timings
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer) + ".weight"
+        torch.testing.assert_close(
+            nethook.get_parameter(overlapped, name), nethook.get_parameter(sequential, name), rtol=1e-6, atol=1e-7
+        )
+        torch.testing.assert_close(
+            get_state(overlapped).key_cache[layer], get_state(sequential).key_cache[layer], rtol=1e-6, atol=1e-6
+        )
+
+
+def test_mask_plan_failure_in_its_thread_restores_weights(two_threads, llama, tokenizer, corpus_file, tmp_path, monkeypatch):
+    from easyedit_nmke.models.nmke import nmke_main
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    prepare_state(llama, tokenizer, hp)
+    before = _weights(llama)
+    cache = {layer: get_state(llama).key_cache[layer].clone() for layer in hp.layers}
+
+    def failing_null_space(*args, **kwargs):
+        raise RuntimeError("eigendecomposition failed")
+
+    monkeypatch.setattr(nmke_main, "masked_null_space", failing_null_space)
+    with pytest.raises(EditError, match="eigendecomposition failed"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+    for layer in hp.layers:
+        assert torch.equal(get_state(llama).key_cache[layer], cache[layer])
+    assert get_state(llama).num_edits == 0
