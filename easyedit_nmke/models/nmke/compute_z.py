@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,6 @@ def compute_z(
     context_templates: List[str],
     key_layers: Sequence[int] = (),
     attribution: bool = False,
-    on_attribution: Optional[Callable[[AttributionInputs], None]] = None,
 ) -> TargetVector:
     """Optimise the target vector at block ``layer``.
 
@@ -107,15 +106,12 @@ def compute_z(
     positions from each row's subject token on (``SuffixReplay``); the first, full
     forward also yields the unedited keys at ``key_layers`` and, with ``attribution``,
     the attribution inputs, which the caller would otherwise compute with forwards of
-    their own; ``on_attribution`` receives them as soon as that forward is done, before
-    the optimisation steps, so that work depending only on them can run meanwhile.  Should the truncated forward not reproduce the full model's logits at
+    their own.  Should the truncated forward not reproduce the full model's logits at
     the first step (an architecture it does not fit), the reference path runs instead.
     """
     if hparams.fast_path:
         try:
-            return _optimise(
-                model, tok, request, hparams, layer, context_templates, key_layers, attribution, True, on_attribution
-            )
+            return _optimise(model, tok, request, hparams, layer, context_templates, key_layers, attribution, True)
         except RequestError:
             raise
         except Exception as exc:  # an architecture the truncated forward does not fit
@@ -206,7 +202,6 @@ def _optimise(
     key_layers: Sequence[int],
     attribution: bool,
     fast: bool,
-    on_attribution: Optional[Callable[[AttributionInputs], None]] = None,
 ) -> TargetVector:
     device = next(model.parameters()).device
     batch = build_rewrite_batch(tok, request, context_templates)
@@ -249,8 +244,6 @@ def _optimise(
             batch.input_ids, batch.attention_mask = ids, mask
             fast_forward = _FastForward(model, hparams, batch, layer, rows, cols, key_layers, attribution)
             state["initial"] = fast_forward.initial
-            if on_attribution is not None and fast_forward.attribution is not None:
-                on_attribution(fast_forward.attribution)
         for steps in range(1, hparams.v_num_grad_steps + 1):
             optimizer.zero_grad()
             if fast_forward is not None:

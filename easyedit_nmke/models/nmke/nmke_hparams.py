@@ -81,10 +81,6 @@ class NMKEHyperParams(PluginHyperParams):
     # layer, and the forwards below it are shared between z, keys and attribution.
     # False runs the reference path (a full forward per step and per phase).
     fast_path: bool = True
-    # Attribute, mask and decompose the masked null spaces in a second thread while the
-    # z steps run (needs fast_path; on CPU only when torch may use more than one thread).
-    # Same computation either way; False computes them after z.
-    attribution_overlap: bool = True
 
     # --- EasyEdit bookkeeping ------------------------------------------------
     batch_size: int = 1

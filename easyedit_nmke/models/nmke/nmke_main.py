@@ -18,11 +18,8 @@ the norm's linearisation (``linearised_ffn_writes`` / ``_activations``).
 """
 from __future__ import annotations
 
-import contextlib
 import copy as copy_module
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -51,7 +48,7 @@ from .compute_ks import (
     compute_ks,
     layer_output_at_subject,
 )
-from .compute_z import TargetVector, compute_z
+from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
 from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
@@ -210,75 +207,6 @@ def compute_neuron_masks(
     return masks
 
 
-def _overlap_masks(hparams: NMKEHyperParams, device: torch.device) -> bool:
-    """Whether the mask work runs in a second thread during z (see ``attribution_overlap``)."""
-    if not (hparams.attribution_overlap and hparams.fast_path and hparams.mask_mode != "none"):
-        return False
-    # On CPU a second busy thread is only free when torch may use more than one core.
-    return device.type != "cpu" or torch.get_num_threads() > 1
-
-
-def _z_and_masks(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: List[EditRequest],
-    hparams: NMKEHyperParams,
-    state: NMKEState,
-    z_layer: int,
-    info: Dict[str, Any],
-) -> Tuple[List[TargetVector], MaskPlan]:
-    """The target vectors and the mask plan of one edit.
-
-    The plan depends only on the attribution inputs, which the fast path reads off z's
-    first forward; with ``attribution_overlap`` it is computed in a second thread while
-    the z steps run (same computation, so the same result), otherwise after z.
-    """
-    fast = hparams.fast_path
-    want_inputs = fast and hparams.mask_mode != "none"
-    collected: List[AttributionInputs] = []
-    job: List[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmke-masks") as pool:
-
-        def start_plan(inputs: AttributionInputs) -> None:
-            collected.append(inputs)
-            if len(collected) == len(requests):
-                job.append(pool.submit(plan_masks, model, tok, requests, hparams, state, list(collected)))
-
-        overlap = _overlap_masks(hparams, next(model.parameters()).device)
-        start = time.perf_counter()
-        vectors = []
-        for request in requests:
-            tv = compute_z(
-                model,
-                tok,
-                request,
-                hparams,
-                z_layer,
-                state.context_templates,
-                key_layers=hparams.layers[:1] if fast else (),
-                attribution=want_inputs,
-                on_attribution=start_plan if overlap else None,
-            )
-            vectors.append(tv)
-            info["z_steps"].append(tv.steps)
-            info["z_target_prob"].append(tv.target_prob)
-        state.add_time("z", time.perf_counter() - start)
-
-        start = time.perf_counter()
-        if job:
-            plan = job[0].result()
-            # What the overlap did not hide; the plan's own seconds are recorded below.
-            state.add_time("mask_wait", time.perf_counter() - start)
-        else:
-            shared = [tv.attribution for tv in vectors]
-            plan = plan_masks(
-                model, tok, requests, hparams, state, inputs=shared if all(x is not None for x in shared) else None
-            )
-    state.add_time("attribution", plan.attribution_seconds)
-    state.add_time("mask_null_space", plan.null_space_seconds)
-    return vectors, plan
-
-
 def execute_nmke(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -300,9 +228,32 @@ def execute_nmke(
     # layer's keys; later keys come from forwards cut after the subject token.
     fast = hparams.fast_path
     try:
-        vectors, plan = _z_and_masks(model, tok, requests, hparams, state, layers[-1], info)
+        start = time.perf_counter()
+        vectors = []
+        for request in requests:
+            tv = compute_z(
+                model,
+                tok,
+                request,
+                hparams,
+                layers[-1],
+                state.context_templates,
+                key_layers=layers[:1] if fast else (),
+                attribution=fast and hparams.mask_mode != "none",
+            )
+            vectors.append(tv)
+            info["z_steps"].append(tv.steps)
+            info["z_target_prob"].append(tv.target_prob)
         zs = torch.stack([tv.z for tv in vectors], dim=1)  # [d, n]
-        masks = plan.masks
+        state.add_time("z", time.perf_counter() - start)
+
+        start = time.perf_counter()
+        shared = [tv.attribution for tv in vectors]
+        masks = compute_neuron_masks(
+            model, tok, requests, hparams, state, inputs=shared if all(x is not None for x in shared) else None
+        )
+        state.add_time("attribution", time.perf_counter() - start)
+
         unembed, _ = unembedding(model)
         norm = _readout_norm(model, hparams) if masks and hparams.attribution_cache_readout else None
         # fast_path: per request, the prompts cut after the subject; blocks below layers[0] run once.
@@ -341,8 +292,8 @@ def execute_nmke(
                 state.add_time("keys", time.perf_counter() - start)
 
                 start = time.perf_counter()
-                if layer in plan.null_spaces:
-                    coeffs = _masked_update_coefficients(plan.null_spaces[layer], keys, hparams)
+                if layer in masks and hparams.mask_application == "restricted_solve":
+                    coeffs = _masked_update_coefficients(state, layer, keys, masks[layer].keep, hparams)
                 else:
                     coeffs = _update_coefficients(state, layer, keys, hparams)
                 if layer in masks:
@@ -418,79 +369,25 @@ def _update_coefficients(
     return solve_in_null_space(basis, state.key_cache_in_basis(layer), keys.to(basis.device), hparams.L2)
 
 
-@dataclass
-class MaskedNullSpace:
-    """The null space of one layer restricted to a neuron mask, ready for the solve."""
+def _masked_update_coefficients(
+    state: NMKEState, layer: int, keys: torch.Tensor, keep: torch.Tensor, hparams: NMKEHyperParams
+) -> torch.Tensor:
+    """The same null-space constrained solve over the masked neurons only.
 
-    index: torch.Tensor  # [|S|] kept neurons
-    basis: torch.Tensor  # [|S|, r] null-space basis of Σ_SS
-    basis_cache: torch.Tensor  # [r, r] Bᵀ C_SS B
-
-
-def masked_null_space(state: NMKEState, layer: int, keep: torch.Tensor, hparams: NMKEHyperParams) -> MaskedNullSpace:
-    """The null space an update confined to the neuron set S must stay in.
-
-    Updates confined to S must leave preserved keys alone through S's coordinates
-    alone, so the null space is rebuilt from the corpus second moment restricted to S
-    (Σ_SS).  Zeroing rows of the full solution instead (``mask_application:
-    zero_update``) both breaks the null-space property and loses the share of the
-    update carried by the dropped neurons.  Depends only on the mask and the state
-    before this edit, so it can be computed while z is optimised.
+    Updates confined to the neuron set S must leave preserved keys alone through S's
+    coordinates alone, so the null space is rebuilt from the corpus second moment
+    restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
+    rows of the full solution instead (``mask_application: zero_update``) both breaks
+    the null-space property and loses the share of the update carried by the dropped
+    neurons.
     """
-    device = state.key_cache[layer].device
-    index = keep.nonzero().squeeze(1).to(device)
+    index = keep.nonzero().squeeze(1).to(keys.device)
     moments = state.key_moments[layer]
-    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(device)
+    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
     cache = cache_in_basis(basis, state.key_cache[layer][index][:, index])
-    return MaskedNullSpace(index=index, basis=basis, basis_cache=cache)
-
-
-def _masked_update_coefficients(null_space: MaskedNullSpace, keys: torch.Tensor, hparams: NMKEHyperParams) -> torch.Tensor:
-    """The null-space constrained solve over the masked neurons only (zero elsewhere)."""
-    index = null_space.index.to(keys.device)
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    coeffs[index] = solve_in_null_space(
-        null_space.basis.to(keys.device), null_space.basis_cache.to(keys.device), keys[index], hparams.L2
-    )
+    coeffs[index] = solve_in_null_space(basis, cache, keys[index], hparams.L2)
     return coeffs
-
-
-@dataclass
-class MaskPlan:
-    """Everything an edit needs from its attribution: the masks and their null spaces."""
-
-    masks: Dict[int, NeuronMask]
-    null_spaces: Dict[int, MaskedNullSpace]
-    attribution_seconds: float = 0.0
-    null_space_seconds: float = 0.0
-
-
-def plan_masks(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: List[EditRequest],
-    hparams: NMKEHyperParams,
-    state: NMKEState,
-    inputs: Optional[List[AttributionInputs]] = None,
-) -> MaskPlan:
-    """Attribute, build the masks and (``restricted_solve``) their null spaces.
-
-    Reads the model and the lifelong state as they are before this edit and writes
-    nothing but the layers' cached readouts, so it may run in a second thread while
-    z is optimised (``attribution_overlap``).
-    """
-    device = next(model.parameters()).device
-    # A new thread starts on CUDA device 0; Triton launches on the current device.
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), on_device:
-        start = time.perf_counter()
-        masks = compute_neuron_masks(model, tok, requests, hparams, state, inputs=inputs)
-        middle = time.perf_counter()
-        null_spaces = {}
-        if hparams.mask_application == "restricted_solve":
-            null_spaces = {layer: masked_null_space(state, layer, mask.keep, hparams) for layer, mask in masks.items()}
-        end = time.perf_counter()
-    return MaskPlan(masks, null_spaces, middle - start, end - middle)
 
 
 def apply_nmke_to_model(
