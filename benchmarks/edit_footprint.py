@@ -12,10 +12,19 @@ Loc metric feeds them).
 its prompt + target) and how much two edits' row sets overlap — rows shared by edits
 are retrained by the later one.
 
+``capacity``: from saved lifelong NMKE states (a run's ``--work-dir``/checkpoint/state),
+how much of each layer's null space the accumulated edit keys already occupy: the
+eigenvalues of BᵀCB (C = Σ K Kᵀ of all edits so far) above ``L2`` are directions the
+solve must leave (nearly) alone for earlier edits' sake.  For masked states it also
+gives the null-space size of the kept neurons alone, r_S, for random neuron subsets of
+the run's mean kept size (the real masks are not random: a ballpark, not the run's own).
+
     EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py nullspace \\
         --records 100 --out benchmarks/results/nullspace_energy.json
     EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py sae-rows \\
         --records 100 --out benchmarks/results/microedit_row_overlap.json
+    python benchmarks/edit_footprint.py capacity --state runs/bench/work/zsre-T1000__NMKE/checkpoint/state \\
+        --state runs/bench/work/zsre-T1000__NMKE-none/checkpoint/state --out benchmarks/results/nullspace_capacity.json
 """
 from __future__ import annotations
 
@@ -120,9 +129,44 @@ def sae_row_overlap(args) -> Dict:
     }
 
 
+def nullspace_capacity(args) -> Dict:
+    from easyedit_nmke.methods import load_hparams
+    from easyedit_nmke.models.nmke.nullspace import null_space_basis
+    from easyedit_nmke.models.nmke.state import NMKEState
+
+    hparams = load_hparams(args.hparams, args.overrides)
+    generator = torch.Generator().manual_seed(0)
+    states = {}
+    for directory in args.state:
+        state = NMKEState.load(directory)
+        layers = {}
+        for layer in state.layers:
+            basis = state.null_bases[layer].double()
+            cache = state.key_cache[layer].double()
+            eigenvalues = torch.linalg.eigvalsh(basis.T @ cache @ basis)
+            kept = state.kept_neurons.get(layer, 0) / max(state.num_edits, 1)
+            entry = {
+                "null_space_dims": basis.shape[1],
+                "edit_key_energy_in_null_space": float(torch.trace(basis.T @ cache @ basis) / torch.trace(cache)),
+                "occupied_dims": {f">{f:g}xL2": int((eigenvalues > f * hparams.L2).sum()) for f in (1, 10, 100)},
+            }
+            if kept:
+                size = round(kept)
+                moments = state.key_moments[layer]
+                subsets = [torch.randperm(moments.shape[0], generator=generator)[:size] for _ in range(3)]
+                entry["mean_kept_neurons"] = kept
+                entry["masked_null_space_dims_random_subsets"] = [
+                    int(null_space_basis(moments[i][:, i], hparams.nullspace_threshold).shape[1]) for i in subsets
+                ]
+            layers[str(layer)] = entry
+        states[str(directory)] = {"edits": state.num_edits, "layers": layers}
+    return {"hparams": str(args.hparams), "L2": hparams.L2, "states": states}
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["nullspace", "sae-rows"])
+    p.add_argument("what", choices=["nullspace", "sae-rows", "capacity"])
+    p.add_argument("--state", action="append", default=[], help="capacity: a saved NMKE state directory (repeatable)")
     p.add_argument("--hparams", type=Path, default=None, help="default: the method's SmolLM2 YAML")
     p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
     p.add_argument("--records", type=int, default=100)
@@ -135,9 +179,12 @@ def main(argv=None) -> Dict:
 
     args.overrides = parse_overrides(args.overrides)
     if args.hparams is None:
-        method = "NMKE" if args.what == "nullspace" else "MicroEdit"
+        method = "MicroEdit" if args.what == "sae-rows" else "NMKE"
         args.hparams = REPO / f"hparams/{method}/smollm2-135m.yaml"
-    result = nullspace_energy(args) if args.what == "nullspace" else sae_row_overlap(args)
+    if args.what == "capacity" and not args.state:
+        p.error("capacity needs at least one --state directory")
+    run = {"nullspace": nullspace_energy, "sae-rows": sae_row_overlap, "capacity": nullspace_capacity}[args.what]
+    result = run(args)
     result["command"] = command_line()
     emit(result, args.out)
     return result
