@@ -20,8 +20,10 @@ class MethodSpec:
     module: str  # import path of the method folder
     hparams_class: str
     apply_function: str
-    # Optional function(model, tok, groups, with_distances) -> dict of extra per-checkpoint figures.
+    # Optional function(model, tok, groups, with_distances, hparams) -> dict of extra
+    # per-checkpoint figures, stored in each checkpoint row under ``report_key``.
     report_function: Optional[str] = None
+    report_key: Optional[str] = None
 
     def load(self):
         return importlib.import_module(self.module)
@@ -52,22 +54,37 @@ class MethodSpec:
         self.load().load_method_state(model, directory)
 
     def checkpoint_report(
-        self, model: "nn.Module", tok: Any, groups: Dict[str, List[Any]], with_distances: bool = False
+        self,
+        model: "nn.Module",
+        tok: Any,
+        groups: Dict[str, List[Any]],
+        with_distances: bool = False,
+        hparams: Any = None,
     ) -> Dict[str, Any]:
-        """Method-specific figures at a checkpoint (MicroEdit: share of inputs routed through the SAE)."""
+        """Method-specific figures at a checkpoint (MicroEdit: share of inputs routed through
+        the SAE; NMKE: how much of each layer's null space earlier edits occupy)."""
         if self.report_function is None:
             return {}
-        return getattr(self.load(), self.report_function)(model, tok, groups, with_distances=with_distances)
+        report = getattr(self.load(), self.report_function)
+        return report(model, tok, groups, with_distances=with_distances, hparams=hparams)
 
 
 METHODS: Dict[str, MethodSpec] = {
-    "NMKE": MethodSpec("NMKE", "easyedit_nmke.models.nmke", "NMKEHyperParams", "apply_nmke_to_model"),
+    "NMKE": MethodSpec(
+        "NMKE",
+        "easyedit_nmke.models.nmke",
+        "NMKEHyperParams",
+        "apply_nmke_to_model",
+        report_function="null_space_report",
+        report_key="null_space",
+    ),
     "MicroEdit": MethodSpec(
         "MicroEdit",
         "easyedit_nmke.models.microedit",
         "MicroEditHyperParams",
         "apply_microedit_to_model",
         report_function="routing_report",
+        report_key="routing",
     ),
 }
 

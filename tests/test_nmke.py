@@ -540,3 +540,25 @@ def test_shared_hidden_readout_gives_the_same_scores(kind):
             neuron_attribution_scores(*args, backend="torch", hidden_logits=logits),
             neuron_attribution_scores(*args, backend="torch"),
         )
+
+
+def test_null_space_report_counts_directions_occupied_above_l2(llama, tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.models.nmke import null_space_report
+
+    # The tiny model's keys are small: an L2 below their energy makes each edit occupy a direction.
+    hp = tiny_hparams("llama", corpus_file, tmp_path).replace(mask_mode="none", L2=1e-3)
+    assert null_space_report(llama, tokenizer, {}) == {}  # no state yet
+    for request in REQUESTS[:3]:
+        apply_nmke_to_model(llama, tokenizer, [request], hp)
+    state = get_state(llama)
+    report = null_space_report(llama, tokenizer, {}, hparams=hp)
+    for layer in hp.layers:
+        basis = state.null_bases[layer].double()
+        eigenvalues = torch.linalg.eigvalsh(basis.T @ state.key_cache[layer].double() @ basis)
+        entry = report["layers"][str(layer)]
+        assert entry["dims"] == basis.shape[1]
+        assert entry["occupied"] == int((eigenvalues > hp.L2).sum())
+        assert entry["occupied"] == 3  # three edits, three independent keys
+        assert "mean_kept_neurons" not in entry  # mode none masks nothing
+    shares = [e["occupied"] / e["dims"] for e in report["layers"].values()]
+    assert report["occupied_share"] == max(shares)

@@ -73,7 +73,14 @@ def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkey
     for row in data["runs"]:
         assert set(RESULT_KEYS) <= set(row)
         assert 0.0 <= row["loc"] <= 1.0 and row["sec_per_edit"] > 0
-    assert "Right after each edit" in results_table(data)
+        # One key per layer and edit: at most T occupied null-space directions per layer.
+        for layer in hp.layers:
+            entry = row["null_space"]["layers"][str(layer)]
+            assert 0 <= entry["occupied"] <= row["T"] <= entry["dims"]
+            assert 0 < entry["mean_kept_neurons"] <= tiny_model("llama", len(tokenizer)).config.intermediate_size
+    early, late = (run["null_space"]["layers"] for run in data["runs"])
+    assert all(late[k]["occupied"] >= early[k]["occupied"] for k in early)
+    assert "Right after each edit" in results_table(data) and "null space used" in results_table(data)
 
     # Killed during the third edit, then resumed from the T=2 checkpoint: same final numbers.
     import easyedit_nmke.models.nmke as nmke_module

@@ -261,6 +261,8 @@ def _stats_root() -> Path:
 class BaselineSpec:
     """An EasyEdit baseline with the runner's MethodSpec interface."""
 
+    report_key = None  # no method-specific checkpoint figures
+
     def __init__(self, alg_name: str, quiet: bool = True) -> None:
         ok, reason = baseline_status(alg_name)
         if not ok:
@@ -425,7 +427,9 @@ class BaselineSpec:
     def phase_seconds(self, model: Any) -> Dict[str, float]:
         return {}
 
-    def checkpoint_report(self, model: Any, tok: Any, groups: Any, with_distances: bool = False) -> Dict[str, Any]:
+    def checkpoint_report(
+        self, model: Any, tok: Any, groups: Any, with_distances: bool = False, hparams: Any = None
+    ) -> Dict[str, Any]:
         return {}
 
     def save_state(self, model: Any, directory: Union[str, Path]) -> None:

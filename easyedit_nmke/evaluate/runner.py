@@ -245,17 +245,18 @@ def run_lifelong(
         progress, references = restored
         done, edit_seconds = progress["done"], progress["edit_seconds"]
         result.runs = progress["result"]["runs"]
-        if "routing_before" in progress["result"]:
-            result.extra["routing_before"] = progress["result"]["routing_before"]
+        before_key = f"{spec.report_key}_before"
+        if before_key in progress["result"]:
+            result.extra[before_key] = progress["result"][before_key]
         immediate_raw.update(progress.get("immediate_raw") or {})
         print(f"[easyedit-nmke] resuming from checkpoint after {done} edits in {work_dir}")
     else:
         done, edit_seconds = 0, 0.0
 
     if config.record_distances and done == 0:
-        before = spec.checkpoint_report(model, tok, evaluation_groups(records), with_distances=True)
+        before = spec.checkpoint_report(model, tok, evaluation_groups(records), with_distances=True, hparams=hparams)
         if before:
-            result.extra["routing_before"] = before
+            result.extra[f"{spec.report_key}_before"] = before
     bar = tqdm(total=n, initial=done, desc=f"{spec.alg_name} edits", disable=not config.progress)
     while done < n:
         record = records[done]
@@ -277,10 +278,10 @@ def run_lifelong(
                 "phase_seconds": spec.phase_seconds(model),
             }
             report = spec.checkpoint_report(
-                model, tok, evaluation_groups(records[:done]), with_distances=config.record_distances
+                model, tok, evaluation_groups(records[:done]), with_distances=config.record_distances, hparams=hparams
             )
             if report:
-                row["routing"] = report
+                row[spec.report_key] = report
             if config.immediate:
                 row["immediate"] = immediate_summary(immediate_raw)
             result.runs = [r for r in result.runs if r["T"] != done] + [row]
@@ -337,7 +338,7 @@ def format_row(row: Dict[str, Any]) -> str:
         f"  routed edit {f(row['routing'].get('routed_edit'))} loc {f(row['routing'].get('routed_loc'))}"
         if "routing" in row
         else ""
-    )
+    ) + (f"  null space used {f(row['null_space'].get('occupied_share'))}" if "null_space" in row else "")
 
 
 def results_table(result: Dict[str, Any]) -> str:
@@ -346,11 +347,15 @@ def results_table(result: Dict[str, Any]) -> str:
     mode = hp.get("mask_mode")
     title = result["alg"] + (f" ({mode})" if mode else "")
     routing = any("routing" in row for row in result["runs"])
+    null_space = any("null_space" in row for row in result["runs"])
     header = "|     T |   Rel |   Gen |   Loc |   avg | s/edit | peak RSS MB |"
     rule = "|------:|------:|------:|------:|------:|-------:|------------:|"
     if routing:  # MicroEdit: share of edit / locality inputs the ARD switch sends through the SAE
         header += " routed edit | routed loc |"
         rule += "------------:|-----------:|"
+    if null_space:  # NMKE: share of the fullest layer's null space that earlier edits' keys occupy
+        header += " null space used |"
+        rule += "----------------:|"
     lines = [f"{title} on {result['model']}", "", header, rule]
 
     def f(v):
@@ -364,6 +369,8 @@ def results_table(result: Dict[str, Any]) -> str:
         if routing:
             share = row.get("routing", {})
             line += f" {f(share.get('routed_edit')):>11} | {f(share.get('routed_loc')):>10} |"
+        if null_space:
+            line += f" {f(row.get('null_space', {}).get('occupied_share')):>15} |"
         lines.append(line)
     imm = result.get("immediate")
     if imm:

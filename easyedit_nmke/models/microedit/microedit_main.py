@@ -179,10 +179,12 @@ def routing_report(
     tok: PreTrainedTokenizerBase,
     groups: Mapping[str, Sequence[Tuple[str, str]]],
     with_distances: bool = False,
+    hparams: Optional[MicroEditHyperParams] = None,
 ) -> Dict[str, Any]:
     """Share of inputs the switch routes through the SAE, per group of (prompt, answer) pairs.
 
     Inputs are built exactly as the metrics feed them (prompt + teacher-forced answer).
+    ``hparams`` is unused (the state holds τ); the runner passes it to every method's report.
     """
     state = get_state(model)
     if state is None:

@@ -454,6 +454,38 @@ def phase_seconds(model: nn.Module) -> Dict[str, float]:
     return dict(state.timings) if state is not None else {}
 
 
+def null_space_report(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    groups: Mapping[str, Sequence[Any]],
+    with_distances: bool = False,
+    hparams: Optional[NMKEHyperParams] = None,
+) -> Dict[str, Any]:
+    """How much of each edit layer's null space the edits so far occupy.
+
+    The solve trades a new update's fit against ``L2`` and against earlier edits' keys
+    (Bᵀ C B in null-space coordinates): an eigen-direction of Bᵀ C B above ``L2`` is one
+    that later updates must leave nearly alone.  Once most directions are occupied, new
+    edits can only be written by disturbing earlier ones — on a small FFN this is what
+    ends a long run (README, "Why hybrid runs out first").  Masked modes confine updates
+    to the kept neurons, whose null space is smaller than the layer's; ``mean_kept_neurons``
+    says by how much the mask narrows it.  ``groups`` and ``with_distances`` are unused
+    (the runner passes them to every method's report).
+    """
+    state = get_state(model)
+    if state is None or hparams is None:
+        return {}
+    layers: Dict[str, Dict[str, Any]] = {}
+    for layer in state.layers:
+        eigenvalues = torch.linalg.eigvalsh(state.key_cache_in_basis(layer).double())
+        entry: Dict[str, Any] = {"dims": eigenvalues.numel(), "occupied": int((eigenvalues > hparams.L2).sum())}
+        if state.kept_neurons.get(layer) and state.num_edits:
+            entry["mean_kept_neurons"] = state.kept_neurons[layer] / state.num_edits
+        layers[str(layer)] = entry
+    shares = [entry["occupied"] / max(entry["dims"], 1) for entry in layers.values()]
+    return {"occupied_share": max(shares, default=0.0), "layers": layers}
+
+
 def prepare_method(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> None:
     """One-off setup before a run (corpus statistics, null spaces, prefixes), timed apart from edits."""
     prepare_state(model, tok, hparams)
