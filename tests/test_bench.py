@@ -325,7 +325,7 @@ def test_upstream_baselines_in_bench(setup, tmp_path):
         cell = json.loads((out / "cells" / f"zsre-T2__{alg}.json").read_text())
         assert [row["T"] for row in cell["runs"]] == [1, 2]
         assert cell["bench"]["resumable"] == (alg == "AlphaEdit")
-    assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.pt").is_file()
+    assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.safetensors").is_file()
     assert "note" in json.loads((out / "cells" / "zsre-T2__WISE.json").read_text())["weight_drift"]
 
 
@@ -368,3 +368,21 @@ def test_baseline_cell_resumes_like_a_straight_run(tokenizer, tmp_path, monkeypa
     assert [row["T"] for row in result.runs] == [1, 2]
     assert torch.allclose(resumed.get_parameter(name), straight.get_parameter(name), atol=1e-6)
     assert not torch.equal(resumed.get_parameter(name), tiny_model("llama", len(tokenizer)).get_parameter(name))
+
+
+def test_alphaedit_cache_checkpoint_is_safetensors(tmp_path, monkeypatch):
+    """Upstream AlphaEdit's lifelong cache round-trips through safetensors (never a pickle)."""
+    import types
+
+    from easyedit_nmke.evaluate import baselines
+
+    module = types.SimpleNamespace(cache_c=torch.randn(2, 4, 4), cache_c_new=False)
+    monkeypatch.setattr(baselines, "_alphaedit_module", lambda: module)
+    spec = object.__new__(baselines.BaselineSpec)  # no easyeditor needed for the state I/O
+    spec.alg_name, spec.adapter_based = "AlphaEdit", False
+    saved = module.cache_c.clone()
+    spec.save_state(None, tmp_path / "state")
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["alphaedit_cache_c.safetensors"]
+    module.cache_c = torch.zeros(2, 4, 4)
+    spec.load_state(None, tmp_path / "state")
+    assert torch.equal(module.cache_c, saved) and module.cache_c_new

@@ -440,10 +440,10 @@ class BaselineSpec:
                 f"{self.alg_name} keeps its edits in adapter modules; checkpoints are not supported"
             )
         if self.alg_name == "AlphaEdit":
-            import torch
+            from safetensors.torch import save_file
 
             module = _alphaedit_module()
-            torch.save({"cache_c": module.cache_c}, directory / "alphaedit_cache_c.pt")
+            save_file({"cache_c": module.cache_c.detach().cpu().contiguous()}, str(directory / "alphaedit_cache_c.safetensors"))
 
     def load_state(self, model: Any, directory: Union[str, Path]) -> None:
         if self.adapter_based:
@@ -452,10 +452,11 @@ class BaselineSpec:
                 "(delete the cell's work dir to restart it)"
             )
         if self.alg_name == "AlphaEdit":
-            import torch
+            from safetensors.torch import load_file
 
             module = _alphaedit_module()
-            module.cache_c = torch.load(Path(directory) / "alphaedit_cache_c.pt")["cache_c"]
+            # safetensors: a checkpoint directory is never unpickled.
+            module.cache_c = load_file(str(Path(directory) / "alphaedit_cache_c.safetensors"))["cache_c"]
             module.cache_c_new = True
             self._alphaedit_restored = True
 
