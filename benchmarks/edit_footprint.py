@@ -19,12 +19,18 @@ solve must leave (nearly) alone for earlier edits' sake.  For masked states it a
 gives the null-space size of the kept neurons alone, r_S, for random neuron subsets of
 the run's mean kept size (the real masks are not random: a ballpark, not the run's own).
 
+``masked-dims``: the real thing for the first ``--records`` ZsRE edits on the unedited
+model: each edit's hybrid mask per layer and the null-space size of its kept neurons
+(eigen-directions of Σ_SS below ``nullspace_threshold``), the space a masked update lives in.
+
     EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py nullspace \\
         --records 100 --out benchmarks/results/nullspace_energy.json
     EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py sae-rows \\
         --records 100 --out benchmarks/results/microedit_row_overlap.json
     python benchmarks/edit_footprint.py capacity --state runs/bench/work/zsre-T1000__NMKE/checkpoint/state \\
         --state runs/bench/work/zsre-T1000__NMKE-none/checkpoint/state --out benchmarks/results/nullspace_capacity.json
+    EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/edit_footprint.py masked-dims \\
+        --records 50 --out benchmarks/results/masked_null_space_dims.json
 """
 from __future__ import annotations
 
@@ -163,9 +169,49 @@ def nullspace_capacity(args) -> Dict:
     return {"hparams": str(args.hparams), "L2": hparams.L2, "states": states}
 
 
+def masked_null_space_dims(args) -> Dict:
+    from easyedit_nmke.methods import load_hparams
+    from easyedit_nmke.models.nmke.nmke_main import compute_neuron_masks, prepare_state
+    from easyedit_nmke.models.nmke.nullspace import null_space_basis
+    from easyedit_nmke.util.model_loader import load_model_and_tokenizer
+    from easyedit_nmke.util.requests import normalise_requests
+
+    hparams = load_hparams(args.hparams, args.overrides)
+    model, tok = load_model_and_tokenizer(hparams.model_name)
+    state = prepare_state(model, tok, hparams)
+    per_layer: Dict[int, Dict[str, List[int]]] = {l: {"kept": [], "dims": []} for l in hparams.layers}
+    for record in _records(args):
+        masks = compute_neuron_masks(model, tok, normalise_requests([record.request()]), hparams, state)
+        for layer, mask in masks.items():
+            index = mask.keep.nonzero().squeeze(1)
+            moments = state.key_moments[layer]
+            per_layer[layer]["kept"].append(int(index.numel()))
+            per_layer[layer]["dims"].append(
+                int(null_space_basis(moments[index][:, index], hparams.nullspace_threshold).shape[1])
+            )
+
+    def summary(values: List[int]) -> Dict[str, float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "min": int(t.min()), "max": int(t.max())}
+
+    return {
+        "hparams": str(args.hparams),
+        "overrides": args.overrides,
+        "edits": len(per_layer[hparams.layers[0]]["kept"]),
+        "layers": {
+            str(layer): {
+                "null_space_dims_all_neurons": int(state.null_bases[layer].shape[1]),
+                "kept_neurons": summary(v["kept"]),
+                "masked_null_space_dims": summary(v["dims"]),
+            }
+            for layer, v in per_layer.items()
+        },
+    }
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["nullspace", "sae-rows", "capacity"])
+    p.add_argument("what", choices=["nullspace", "sae-rows", "capacity", "masked-dims"])
     p.add_argument("--state", action="append", default=[], help="capacity: a saved NMKE state directory (repeatable)")
     p.add_argument("--hparams", type=Path, default=None, help="default: the method's SmolLM2 YAML")
     p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
@@ -183,7 +229,12 @@ def main(argv=None) -> Dict:
         args.hparams = REPO / f"hparams/{method}/smollm2-135m.yaml"
     if args.what == "capacity" and not args.state:
         p.error("capacity needs at least one --state directory")
-    run = {"nullspace": nullspace_energy, "sae-rows": sae_row_overlap, "capacity": nullspace_capacity}[args.what]
+    run = {
+        "nullspace": nullspace_energy,
+        "sae-rows": sae_row_overlap,
+        "capacity": nullspace_capacity,
+        "masked-dims": masked_null_space_dims,
+    }[args.what]
     result = run(args)
     result["command"] = command_line()
     emit(result, args.out)
