@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--metric", choices=["accuracy", "perplexity"], default="accuracy")
     edit.add_argument("--immediate", action="store_true", help="also score each edit right after applying it")
     edit.add_argument("--work-dir", type=Path, default=None, help="checkpoint here; a rerun resumes from it")
+    edit.add_argument(
+        "--save-every", type=int, default=25, help="with --work-dir, also save every N edits between checkpoints (0: off)"
+    )
     edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     edit.add_argument("--no-progress", action="store_true")
     edit.add_argument(
@@ -126,6 +129,7 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
         immediate=args.immediate,
         record_distances=args.ard_plot is not None,
         progress=not args.no_progress,
+        save_every=args.save_every,
     )
     result = run_lifelong(
         model,

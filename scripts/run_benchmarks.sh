@@ -22,7 +22,8 @@
 # EXTRA extra flags for every cell (e.g. "--mmlu-n 200"), ONLY a space-separated list of
 # methods to keep from the chosen groups (e.g. ONLY="NMKE:general FT").
 # Outputs: $OUT/cells/*.json (one per cell), $OUT/results.md, $OUT/plots/*.png,
-# $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints).
+# $OUT/logs/<cell>.log, $OUT/work/<cell>/ (checkpoints: at every T and every 25 edits in between,
+# so a killed cell resumes with at most 25 edits lost; EXTRA="--save-every N" changes that).
 # Cost per edit on the 2-core dev machine, one thread per cell, one other job on the
 # second core (about twice that with three jobs on two cores): NMKE 4-9 s on ZsRE
 # (90-130 s on the long hallucination passages), FT ~5 s, ROME ~35 s, MEMIT ~40 s

@@ -100,6 +100,38 @@ def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkey
     assert get_state(resumed_model).num_edits == 4
 
 
+def test_run_saves_between_checkpoints_and_resumes_there(tokenizer, corpus_file, tmp_path, monkeypatch, capsys):
+    """save_every: a run killed between evaluation checkpoints resumes after its last save."""
+    import easyedit_nmke.models.nmke as nmke_module
+
+    spec = method_spec("NMKE")
+    hp = tiny_hparams("llama", corpus_file, tmp_path / "stats").replace(mask_mode="none")
+    records = _records(5)
+    config = RunConfig(eval_at=[5], progress=False, immediate=True, save_every=2)
+    straight = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config)
+
+    work = tmp_path / "work"
+    calls = {"n": 0}
+    real = nmke_module.apply_nmke_to_model
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    with interrupted_on_call(monkeypatch, nmke_module, "apply_nmke_to_model", 4):  # killed in edit 4
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
+    progress = json.loads((work / "checkpoint" / "progress.json").read_text())
+    assert progress["done"] == 2 and progress["result"]["runs"] == []  # saved after edit 2, nothing evaluated yet
+    monkeypatch.setattr(nmke_module, "apply_nmke_to_model", counting)
+    capsys.readouterr()
+    resumed = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
+    assert "resuming from checkpoint after 2 edits" in capsys.readouterr().out
+    assert calls["n"] == 3  # edits 3-5 only
+    for key in ("rel", "gen", "loc"):
+        assert resumed.runs[-1][key] == pytest.approx(straight.runs[-1][key], abs=1e-6)
+    assert resumed.immediate["rel"] == pytest.approx(straight.immediate["rel"], abs=1e-6)
+
+
 def test_cli_overrides_and_hparams_loading():
     from easyedit_nmke.cli import parse_eval_at, parse_overrides
 

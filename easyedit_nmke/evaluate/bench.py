@@ -178,6 +178,7 @@ class BenchConfig:
     immediate: bool = True
     general: Any = None  # GeneralConfig or None
     progress: bool = True
+    save_every: int = 25  # save each cell's run every N edits between checkpoints (0: only at them)
     command: str = ""
 
 
@@ -367,7 +368,13 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     try:
         result = run_lifelong(
             model, tok, hparams, spec, records,
-            RunConfig(eval_at=eval_at, metric=dataset.metric, immediate=config.immediate, progress=config.progress),
+            RunConfig(
+                eval_at=eval_at,
+                metric=dataset.metric,
+                immediate=config.immediate,
+                progress=config.progress,
+                save_every=config.save_every,
+            ),
             data_names=[str(p) for p in dataset.paths],
             work_dir=run_work,
         )
@@ -681,6 +688,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="perplexity text (default <data dir>/wikitext-2/test.txt)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--save-every", type=int, default=25,
+                        help="save each cell's run every N edits between checkpoints, to resume from (0: off)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md and plots from --out")
     return parser
 
@@ -727,6 +736,7 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> BenchConfig
         immediate=not args.no_immediate,
         general=general,
         progress=not args.no_progress,
+        save_every=args.save_every,
         command=command,
     )
 

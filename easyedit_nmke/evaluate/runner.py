@@ -63,6 +63,9 @@ class RunConfig:
     progress: bool = True
     # Keep per-input figures a method reports (MicroEdit: every ARD) in the checkpoint rows.
     record_distances: bool = False
+    # With a work dir, also save the run every this many edits between evaluation
+    # checkpoints (0: only at them), so a killed long run loses at most that many edits.
+    save_every: int = 25
 
 
 @dataclass
@@ -267,6 +270,8 @@ def run_lifelong(
         bar.update(1)
         if config.immediate:
             score_immediately(model, tok, record, references[done - 1], config, immediate_raw)
+        if done not in checkpoints and config.save_every > 0 and done % config.save_every == 0:
+            checkpointer.save(model, done, edit_seconds, result, references)
         if done in checkpoints:
             scores = evaluate_records(model, tok, records[:done], references[:done], config)
             row = {
