@@ -14,10 +14,9 @@ are retrained by the later one.
 
 ``capacity``: from saved lifelong NMKE states (a run's ``--work-dir``/checkpoint/state),
 how much of each layer's null space the accumulated edit keys already occupy: the
-eigenvalues of BᵀCB (C = Σ K Kᵀ of all edits so far) above ``L2`` are directions the
-solve must leave (nearly) alone for earlier edits' sake.  For masked states it also
-gives the null-space size of the kept neurons alone, r_S, for random neuron subsets of
-the run's mean kept size (the real masks are not random: a ballpark, not the run's own).
+eigenvalues of BᵀCB (C = Σ K Kᵀ of all edits so far) above ``L2`` (of ``--hparams``:
+the state does not record the run's) are directions the solve must leave (nearly)
+alone for earlier edits' sake.
 
 ``masked-dims``: the real thing for the first ``--records`` ZsRE edits on the unedited
 model: each edit's hybrid mask per layer and the null-space size of its kept neurons
@@ -38,7 +37,7 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 
@@ -137,33 +136,28 @@ def sae_row_overlap(args) -> Dict:
 
 def nullspace_capacity(args) -> Dict:
     from easyedit_nmke.methods import load_hparams
-    from easyedit_nmke.models.nmke.nullspace import null_space_basis
+    from easyedit_nmke.models.nmke.nullspace import cache_in_basis, occupied_directions
     from easyedit_nmke.models.nmke.state import NMKEState
 
     hparams = load_hparams(args.hparams, args.overrides)
-    generator = torch.Generator().manual_seed(0)
     states = {}
     for directory in args.state:
         state = NMKEState.load(directory)
+        if state.num_edits == 0:
+            raise SystemExit(f"{directory}: the state holds no edits")
         layers = {}
         for layer in state.layers:
-            basis = state.null_bases[layer].double()
-            cache = state.key_cache[layer].double()
-            eigenvalues = torch.linalg.eigvalsh(basis.T @ cache @ basis)
-            kept = state.kept_neurons.get(layer, 0) / max(state.num_edits, 1)
+            basis, cache = state.null_bases[layer], state.key_cache[layer]
+            basis_cache = cache_in_basis(basis, cache)
             entry = {
                 "null_space_dims": basis.shape[1],
-                "edit_key_energy_in_null_space": float(torch.trace(basis.T @ cache @ basis) / torch.trace(cache)),
-                "occupied_dims": {f">{f:g}xL2": int((eigenvalues > f * hparams.L2).sum()) for f in (1, 10, 100)},
+                "edit_key_energy_in_null_space": float(torch.trace(basis_cache) / torch.trace(cache)),
+                "occupied_dims": {
+                    f">{f:g}xL2": occupied_directions(basis_cache, f * hparams.L2) for f in (1, 10, 100)
+                },
             }
-            if kept:
-                size = round(kept)
-                moments = state.key_moments[layer]
-                subsets = [torch.randperm(moments.shape[0], generator=generator)[:size] for _ in range(3)]
-                entry["mean_kept_neurons"] = kept
-                entry["masked_null_space_dims_random_subsets"] = [
-                    int(null_space_basis(moments[i][:, i], hparams.nullspace_threshold).shape[1]) for i in subsets
-                ]
+            if state.kept_neurons.get(layer):
+                entry["mean_kept_neurons"] = state.kept_neurons[layer] / state.num_edits
             layers[str(layer)] = entry
         states[str(directory)] = {"edits": state.num_edits, "layers": layers}
     return {"hparams": str(args.hparams), "L2": hparams.L2, "states": states}
@@ -171,26 +165,24 @@ def nullspace_capacity(args) -> Dict:
 
 def masked_null_space_dims(args) -> Dict:
     from easyedit_nmke.methods import load_hparams
-    from easyedit_nmke.models.nmke.nmke_main import compute_neuron_masks, prepare_state
-    from easyedit_nmke.models.nmke.nullspace import null_space_basis
+    from easyedit_nmke.models.nmke.nmke_main import compute_neuron_masks, masked_null_space, prepare_state
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
     from easyedit_nmke.util.requests import normalise_requests
 
     hparams = load_hparams(args.hparams, args.overrides)
+    if hparams.mask_mode == "none":
+        raise SystemExit("masked-dims needs a masked mode (mask_mode is none)")
     model, tok = load_model_and_tokenizer(hparams.model_name)
     state = prepare_state(model, tok, hparams)
-    per_layer: Dict[int, Dict[str, List[int]]] = {l: {"kept": [], "dims": []} for l in hparams.layers}
+    per_layer: Dict[int, Dict[str, List[int]]] = {layer: {"kept": [], "dims": []} for layer in hparams.layers}
     for record in _records(args):
         masks = compute_neuron_masks(model, tok, normalise_requests([record.request()]), hparams, state)
         for layer, mask in masks.items():
-            index = mask.keep.nonzero().squeeze(1)
-            moments = state.key_moments[layer]
+            index, basis, _ = masked_null_space(state, layer, mask.keep, hparams)
             per_layer[layer]["kept"].append(int(index.numel()))
-            per_layer[layer]["dims"].append(
-                int(null_space_basis(moments[index][:, index], hparams.nullspace_threshold).shape[1])
-            )
+            per_layer[layer]["dims"].append(int(basis.shape[1]))
 
-    def summary(values: List[int]) -> Dict[str, float]:
+    def summary(values: List[int]) -> Dict[str, Union[int, float]]:
         t = torch.tensor(values, dtype=torch.float64)
         return {"mean": float(t.mean()), "min": int(t.min()), "max": int(t.max())}
 
@@ -201,10 +193,10 @@ def masked_null_space_dims(args) -> Dict:
         "layers": {
             str(layer): {
                 "null_space_dims_all_neurons": int(state.null_bases[layer].shape[1]),
-                "kept_neurons": summary(v["kept"]),
-                "masked_null_space_dims": summary(v["dims"]),
+                "kept_neurons": summary(counts["kept"]),
+                "masked_null_space_dims": summary(counts["dims"]),
             }
-            for layer, v in per_layer.items()
+            for layer, counts in per_layer.items()
         },
     }
 

@@ -114,6 +114,8 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     hparams_path = args.hparams or default_hparams_path()
     hparams = load_hparams(hparams_path, parse_overrides(args.set))
+    if args.ard_plot and hparams.alg_name != "MicroEdit":
+        raise SystemExit(f"--ard-plot plots MicroEdit's reconstruction distances; {hparams.alg_name} has none")
     records = load_records(args.data, limit=args.num_edits)
     if args.num_edits is not None and len(records) < args.num_edits:
         print(f"[easyedit-nmke] only {len(records)} records available; running {len(records)} edits", file=sys.stderr)

@@ -25,6 +25,10 @@ class MethodSpec:
     report_function: Optional[str] = None
     report_key: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if (self.report_function is None) != (self.report_key is None):
+            raise ValueError(f"{self.alg_name}: report_function and report_key are set together or not at all")
+
     def load(self):
         return importlib.import_module(self.module)
 

@@ -547,7 +547,7 @@ def test_null_space_report_counts_directions_occupied_above_l2(llama, tokenizer,
 
     # The tiny model's keys are small: an L2 below their energy makes each edit occupy a direction.
     hp = tiny_hparams("llama", corpus_file, tmp_path).replace(mask_mode="none", L2=1e-3)
-    assert null_space_report(llama, tokenizer, {}) == {}  # no state yet
+    assert null_space_report(llama, tokenizer, {}, hparams=hp) == {}  # no state yet
     for request in REQUESTS[:3]:
         apply_nmke_to_model(llama, tokenizer, [request], hp)
     state = get_state(llama)
@@ -562,3 +562,32 @@ def test_null_space_report_counts_directions_occupied_above_l2(llama, tokenizer,
         assert "mean_kept_neurons" not in entry  # mode none masks nothing
     shares = [e["occupied"] / e["dims"] for e in report["layers"].values()]
     assert report["occupied_share"] == max(shares)
+    with pytest.raises(ValueError, match="needs the run's hparams"):
+        null_space_report(llama, tokenizer, {})
+
+
+def test_null_space_report_of_a_masked_mode_measures_the_masked_space(tokenizer, corpus_file, tmp_path):
+    """Hybrid's updates live in the null space of the kept neurons: that space's occupancy is reported."""
+    from easyedit_nmke.models.nmke import null_space_report
+    from easyedit_nmke.models.nmke.nullspace import cache_in_basis, null_space_basis
+
+    model = tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams("llama", corpus_file, tmp_path).replace(mask_mode="hybrid", L2=1e-3)
+    for request in REQUESTS[:3]:
+        apply_nmke_to_model(model, tokenizer, [request], hp)
+    state = get_state(model)
+    report = null_space_report(model, tokenizer, {}, hparams=hp)
+    shares = []
+    for layer in hp.layers:
+        keep = state.last_edit_info["kept"][layer]
+        index = keep.nonzero().squeeze(1)
+        basis = null_space_basis(state.key_moments[layer][index][:, index], hp.nullspace_threshold)
+        eigenvalues = torch.linalg.eigvalsh(cache_in_basis(basis, state.key_cache[layer][index][:, index]).double())
+        entry = report["layers"][str(layer)]
+        assert entry["masked_dims"] == basis.shape[1] <= entry["dims"]
+        assert entry["masked_occupied"] == int((eigenvalues > hp.L2).sum()) > 0
+        assert entry["mean_kept_neurons"] == pytest.approx(state.kept_neurons[layer] / 3)
+        shares.append(entry["masked_occupied"] / entry["masked_dims"])
+    assert report["occupied_share"] == max(shares)
+    # Reporting leaves the lifelong statistics' derived caches alone (no cost added to later edits).
+    assert not state.basis_cache

@@ -77,6 +77,7 @@ def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkey
         for layer in hp.layers:
             entry = row["null_space"]["layers"][str(layer)]
             assert 0 <= entry["occupied"] <= row["T"] <= entry["dims"]
+            assert 0 <= entry["masked_occupied"] <= entry["masked_dims"] <= entry["dims"]  # hybrid
             assert 0 < entry["mean_kept_neurons"] <= tiny_model("llama", len(tokenizer)).config.intermediate_size
     early, late = (run["null_space"]["layers"] for run in data["runs"])
     assert all(late[k]["occupied"] >= early[k]["occupied"] for k in early)

@@ -443,7 +443,8 @@ class BaselineSpec:
             from safetensors.torch import save_file
 
             module = _alphaedit_module()
-            save_file({"cache_c": module.cache_c.detach().cpu().contiguous()}, str(directory / "alphaedit_cache_c.safetensors"))
+            cache_c = module.cache_c.detach().cpu().contiguous()
+            save_file({"cache_c": cache_c}, str(directory / "alphaedit_cache_c.safetensors"))
 
     def load_state(self, model: Any, directory: Union[str, Path]) -> None:
         if self.adapter_based:
@@ -455,8 +456,13 @@ class BaselineSpec:
             from safetensors.torch import load_file
 
             module = _alphaedit_module()
-            # safetensors: a checkpoint directory is never unpickled.
-            module.cache_c = load_file(str(Path(directory) / "alphaedit_cache_c.safetensors"))["cache_c"]
+            path = Path(directory) / "alphaedit_cache_c.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no AlphaEdit cache in {directory} (checkpoints before safetensors are not read, "
+                    "to never unpickle): delete the cell's work dir to restart it"
+                )
+            module.cache_c = load_file(str(path))["cache_c"]
             module.cache_c_new = True
             self._alphaedit_restored = True
 

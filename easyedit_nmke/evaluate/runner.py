@@ -249,14 +249,14 @@ def run_lifelong(
         done, edit_seconds = progress["done"], progress["edit_seconds"]
         result.runs = progress["result"]["runs"]
         before_key = f"{spec.report_key}_before"
-        if before_key in progress["result"]:
+        if spec.report_key and before_key in progress["result"]:
             result.extra[before_key] = progress["result"][before_key]
         immediate_raw.update(progress.get("immediate_raw") or {})
         print(f"[easyedit-nmke] resuming from checkpoint after {done} edits in {work_dir}")
     else:
         done, edit_seconds = 0, 0.0
 
-    if config.record_distances and done == 0:
+    if config.record_distances and spec.report_key and done == 0:
         before = spec.checkpoint_report(model, tok, evaluation_groups(records), with_distances=True, hparams=hparams)
         if before:
             result.extra[f"{spec.report_key}_before"] = before
@@ -285,7 +285,7 @@ def run_lifelong(
             report = spec.checkpoint_report(
                 model, tok, evaluation_groups(records[:done]), with_distances=config.record_distances, hparams=hparams
             )
-            if report:
+            if report and spec.report_key:
                 row[spec.report_key] = report
             if config.immediate:
                 row["immediate"] = immediate_summary(immediate_raw)

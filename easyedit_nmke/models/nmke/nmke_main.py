@@ -51,7 +51,13 @@ from .compute_ks import (
 from .compute_z import compute_z
 from .masking import NeuronMask, build_mask
 from .nmke_hparams import NMKEHyperParams
-from .nullspace import cache_in_basis, key_second_moments, null_space_basis, solve_in_null_space
+from .nullspace import (
+    cache_in_basis,
+    key_second_moments,
+    null_space_basis,
+    occupied_directions,
+    solve_in_null_space,
+)
 from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -223,7 +229,7 @@ def execute_nmke(
     modules = {layer: nethook.get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in layers}
     state.rollback_if_restored({layer: modules[layer].weight for layer in layers})
     originals = {layer: modules[layer].weight.detach().clone() for layer in layers}
-    info: Dict[str, Any] = {"z_steps": [], "z_target_prob": [], "kept_fraction": {}}
+    info: Dict[str, Any] = {"z_steps": [], "z_target_prob": [], "kept_fraction": {}, "kept": {}}
     # fast_path: z's first forward also yields the attribution inputs and the first
     # layer's keys; later keys come from forwards cut after the subject token.
     fast = hparams.fast_path
@@ -300,6 +306,7 @@ def execute_nmke(
                     if hparams.mask_application == "zero_update":
                         coeffs[~masks[layer].keep.to(coeffs.device)] = 0
                     info["kept_fraction"][layer] = masks[layer].kept_fraction
+                    info["kept"][layer] = masks[layer].keep
                 if not torch.isfinite(coeffs).all() or not torch.isfinite(output_change).all():
                     raise EditError(f"the update at layer {layer} is not finite (NaN/inf in the solve or the keys)")
                 delta = output_change @ coeffs.T  # [d, d_ff]
@@ -369,22 +376,32 @@ def _update_coefficients(
     return solve_in_null_space(basis, state.key_cache_in_basis(layer), keys.to(basis.device), hparams.L2)
 
 
+def masked_null_space(
+    state: NMKEState, layer: int, keep: torch.Tensor, hparams: NMKEHyperParams
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept neuron indices S, null-space basis B_S of Σ_SS, B_Sᵀ C_SS B_S) for a neuron mask.
+
+    Updates confined to S must leave preserved keys alone through S's coordinates
+    alone, so the null space is rebuilt from the corpus second moment restricted to S,
+    and earlier edits' keys are seen through the same coordinates.
+    """
+    device = state.key_cache[layer].device
+    index = keep.nonzero().squeeze(1).to(device)
+    moments = state.key_moments[layer]
+    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(device)
+    return index, basis, cache_in_basis(basis, state.key_cache[layer][index][:, index])
+
+
 def _masked_update_coefficients(
     state: NMKEState, layer: int, keys: torch.Tensor, keep: torch.Tensor, hparams: NMKEHyperParams
 ) -> torch.Tensor:
     """The same null-space constrained solve over the masked neurons only.
 
-    Updates confined to the neuron set S must leave preserved keys alone through S's
-    coordinates alone, so the null space is rebuilt from the corpus second moment
-    restricted to S (Σ_SS), and the least-squares problem is solved over S.  Zeroing
-    rows of the full solution instead (``mask_application: zero_update``) both breaks
-    the null-space property and loses the share of the update carried by the dropped
-    neurons.
+    Zeroing rows of the full solution instead (``mask_application: zero_update``) both
+    breaks the null-space property and loses the share of the update carried by the
+    dropped neurons.
     """
-    index = keep.nonzero().squeeze(1).to(keys.device)
-    moments = state.key_moments[layer]
-    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(keys.device)
-    cache = cache_in_basis(basis, state.key_cache[layer][index][:, index])
+    index, basis, cache = masked_null_space(state, layer, keep.to(keys.device), hparams)
     coeffs = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
     coeffs[index] = solve_in_null_space(basis, cache, keys[index], hparams.L2)
     return coeffs
@@ -461,28 +478,41 @@ def null_space_report(
     with_distances: bool = False,
     hparams: Optional[NMKEHyperParams] = None,
 ) -> Dict[str, Any]:
-    """How much of each edit layer's null space the edits so far occupy.
+    """How much of the null space the updates must live in earlier edits already occupy.
 
     The solve trades a new update's fit against ``L2`` and against earlier edits' keys
     (Bᵀ C B in null-space coordinates): an eigen-direction of Bᵀ C B above ``L2`` is one
     that later updates must leave nearly alone.  Once most directions are occupied, new
     edits can only be written by disturbing earlier ones — on a small FFN this is what
-    ends a long run (README, "Why hybrid runs out first").  Masked modes confine updates
-    to the kept neurons, whose null space is smaller than the layer's; ``mean_kept_neurons``
-    says by how much the mask narrows it.  ``groups`` and ``with_distances`` are unused
-    (the runner passes them to every method's report).
+    ends a long run (README, "Why hybrid runs out first").  Per layer: the layer's null
+    space (``dims``, ``occupied``) and, for masked modes with the restricted solve, the
+    null space of the last edit's kept neurons (``masked_dims``, ``masked_occupied``),
+    which is the one a masked update lives in; ``occupied_share`` is the largest share
+    over layers of whichever space the method uses.  ``groups`` and ``with_distances``
+    are unused (the runner passes them to every method's report).
     """
     state = get_state(model)
-    if state is None or hparams is None:
+    if state is None:
         return {}
+    if hparams is None:
+        raise ValueError("null_space_report needs the run's hparams (L2 decides what counts as occupied)")
+    kept = state.last_edit_info.get("kept", {}) if hparams.mask_application == "restricted_solve" else {}
     layers: Dict[str, Dict[str, Any]] = {}
+    shares = []
     for layer in state.layers:
-        eigenvalues = torch.linalg.eigvalsh(state.key_cache_in_basis(layer).double())
-        entry: Dict[str, Any] = {"dims": eigenvalues.numel(), "occupied": int((eigenvalues > hparams.L2).sum())}
+        basis = state.null_bases[layer]
+        cache = cache_in_basis(basis, state.key_cache[layer].to(basis.device))
+        entry: Dict[str, Any] = {"dims": basis.shape[1], "occupied": occupied_directions(cache, hparams.L2)}
+        share = entry["occupied"] / max(entry["dims"], 1)
+        if layer in kept:
+            _, masked_basis, masked_cache = masked_null_space(state, layer, kept[layer], hparams)
+            entry["masked_dims"] = masked_basis.shape[1]
+            entry["masked_occupied"] = occupied_directions(masked_cache, hparams.L2)
+            share = entry["masked_occupied"] / max(entry["masked_dims"], 1)
         if state.kept_neurons.get(layer) and state.num_edits:
             entry["mean_kept_neurons"] = state.kept_neurons[layer] / state.num_edits
         layers[str(layer)] = entry
-    shares = [entry["occupied"] / max(entry["dims"], 1) for entry in layers.values()]
+        shares.append(share)
     return {"occupied_share": max(shares, default=0.0), "layers": layers}
 
 

@@ -140,6 +140,15 @@ def cache_in_basis(basis: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return basis.T @ (cache @ basis)
 
 
+def occupied_directions(basis_cache: torch.Tensor, l2: float) -> int:
+    """Null-space directions on which earlier edits' keys outweigh the solve's ``L2``.
+
+    ``basis_cache`` is Bᵀ C B; an eigen-direction above ``L2`` is one a new update must
+    leave nearly alone for the earlier edits' sake.
+    """
+    return int((torch.linalg.eigvalsh(basis_cache.double()) > l2).sum())
+
+
 def solve_in_null_space(basis: torch.Tensor, basis_cache: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
     """AlphaEdit's x = (P(K Kᵀ + C) + l2·I)⁻¹ P K, solved in the coordinates of P's basis B.
 
