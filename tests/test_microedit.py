@@ -343,14 +343,3 @@ def test_constant_norm_rescale_sae_edits_through_the_same_linear_decoder(tokeniz
     state = get_state(model)
     assert state.sae.cfg.normalize_activations == "constant_norm_rescale"
     assert state.last_edit_info["ard_after"] < state.last_edit_info["ard_before"]
-
-
-def test_all_shipped_yamls_load():
-    from easyedit_nmke.models.microedit import MicroEditHyperParams
-    from conftest import REPO
-
-    paths = sorted((REPO / "hparams/MicroEdit").glob("*.yaml"))
-    assert {"smollm2-135m", "smollm2-135m-sae16k", "llama3-8b", "mistral-7b"} <= {p.stem for p in paths}
-    for path in paths:
-        hparams = MicroEditHyperParams.from_hparams(path)
-        assert hparams.sae_path or hparams.sae_release, path

@@ -281,14 +281,6 @@ def test_train_sae_command_saves_the_sae_and_its_metrics(model, tokenizer, corpu
         main(["train-sae", "--hparams", str(yaml_path), "--out", str(out), "--dataset", str(corpus_file)])
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "llama3-8b", "mistral-7b"])
-def test_shipped_hparams_load(name):
-    from conftest import REPO
-
-    hp = MicroEditHyperParams.from_hparams(REPO / "hparams" / "MicroEdit" / f"{name}.yaml")
-    assert hp.resolved_sae_path() is not None or hp.sae_release
-
-
 def test_resid_pre_sae_belongs_to_the_block_before():
     from conftest import REPO
 
