@@ -1,7 +1,9 @@
 """Where MicroEdit's lifelong reliability goes: routing versus what the edited SAE holds.
 
 Loads the default model with its MicroEdit SAE, then a runner checkpoint (``--work-dir``
-of an ``easyedit-nmke edit`` run), and scores the first ``--records`` records three ways:
+of an ``easyedit-nmke edit`` run), and scores the first ``--records`` records three ways
+(without ``--work-dir`` only the unedited SAE is scored: where a new SAE puts the
+questions relative to its calibrated τ, before any edit run):
 
 * ARD of the edit, rephrase and locality inputs (prompt + teacher-forced answer, as the
   metrics feed them) with the unedited and with the edited SAE, and the share of each
@@ -39,7 +41,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hparams", type=Path, default=REPO / "hparams/MicroEdit/smollm2-135m.yaml")
     p.add_argument("--data", type=Path, default=None, help="ZsRE JSON (default: the dev file in the data dir)")
-    p.add_argument("--work-dir", type=Path, required=True, help="work dir of the run whose checkpoint to load")
+    p.add_argument("--work-dir", type=Path, default=None, help="work dir of the run whose checkpoint to load")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an hparam (as in easyedit-nmke edit --set)")
     p.add_argument("--num-edits", type=int, default=100, help="--num-edits of that run (its checkpoint fingerprint)")
     p.add_argument("--records", type=int, default=50, help="score the first N records (<= edits done)")
     p.add_argument("--threads", type=int, default=1)
@@ -52,11 +56,13 @@ def main(argv=None) -> dict:
     from easyedit_nmke.evaluate.runner import _Checkpointer, evaluation_groups
     from easyedit_nmke.methods import METHODS
     from easyedit_nmke.models.microedit.state import get_state
+    from easyedit_nmke.cli import parse_overrides
+    from easyedit_nmke.methods import load_hparams
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
     data = zsre_dev_file(args.data)
     spec = METHODS["MicroEdit"]
-    hparams = spec.hparams_cls.from_hparams(args.hparams)
+    hparams = load_hparams(args.hparams, parse_overrides(args.overrides))
     model, tok = load_model_and_tokenizer(hparams.model_name)
     all_records = load_records([data], limit=args.num_edits)
     records = all_records[: args.records]
@@ -71,43 +77,40 @@ def main(argv=None) -> dict:
     with state.switch.mode_set("always"):
         loc_always_unedited = metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference))
 
-    restored = _Checkpointer(args.work_dir, spec, hparams, all_records).restore(model, len(all_records))
-    if restored is None:
-        raise SystemExit(f"no checkpoint in {args.work_dir}")
-    done = restored[0]["done"]
-    if done < args.records:
-        raise SystemExit(f"the checkpoint holds {done} edits, fewer than --records {args.records}")
-    after = spec.checkpoint_report(model, tok, groups, with_distances=True)
-    with state.switch.mode_set("always"):
-        always = {
-            "rel": metrics.mean(metrics.token_accuracy(model, tok, edit_pairs)),
-            "gen": metrics.mean(metrics.token_accuracy(model, tok, gen_pairs)),
-            "loc_unedited_sae": loc_always_unedited,
-            "loc_edited_sae": metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference)),
-        }
     tau = state.threshold
-    result = {
-        "command": command_line(),
-        "data": str(data),
-        "checkpoint_edits": done,
-        "records_scored": len(records),
-        "tau": tau,
-        "ard": {
-            which: {name: quantiles(report["ard"][name]) for name in ("edit", "gen", "loc")}
-            for which, report in (("unedited", before), ("edited", after))
-        },
-        "routed_share": {
-            which: {
-                f"{m:g}tau": {
-                    name: sum(v <= m * tau for v in report["ard"][name]) / len(report["ard"][name])
-                    for name in ("edit", "gen", "loc")
-                }
-                for m in TAU_MULTIPLES
+    reports = [("unedited", before)]
+    result = {"command": command_line(), "data": str(data), "records_scored": len(records), "tau": tau}
+    if args.work_dir is not None:
+        restored = _Checkpointer(args.work_dir, spec, hparams, all_records).restore(model, len(all_records))
+        if restored is None:
+            raise SystemExit(f"no checkpoint in {args.work_dir}")
+        done = restored[0]["done"]
+        if done < args.records:
+            raise SystemExit(f"the checkpoint holds {done} edits, fewer than --records {args.records}")
+        after = spec.checkpoint_report(model, tok, groups, with_distances=True)
+        reports.append(("edited", after))
+        result["checkpoint_edits"] = done
+    with state.switch.mode_set("always"):
+        always = {"loc_unedited_sae": loc_always_unedited}
+        if args.work_dir is not None:
+            always.update(
+                rel=metrics.mean(metrics.token_accuracy(model, tok, edit_pairs)),
+                gen=metrics.mean(metrics.token_accuracy(model, tok, gen_pairs)),
+                loc_edited_sae=metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference)),
+            )
+    result["ard"] = {which: {name: quantiles(report["ard"][name]) for name in ("edit", "gen", "loc")}
+                     for which, report in reports}
+    result["routed_share"] = {
+        which: {
+            f"{m:g}tau": {
+                name: sum(v <= m * tau for v in report["ard"][name]) / len(report["ard"][name])
+                for name in ("edit", "gen", "loc")
             }
-            for which, report in (("unedited", before), ("edited", after))
-        },
-        "sae_always_on": always,
+            for m in TAU_MULTIPLES
+        }
+        for which, report in reports
     }
+    result["sae_always_on"] = always
     emit(result, args.out)
     return result
 
