@@ -40,6 +40,21 @@ def test_zsre_and_counterfact_records_are_read():
         record_from_dict({"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": ""})
 
 
+def test_locality_texts_read_records_without_an_edit_target(tmp_path):
+    """WISE's unrelated text comes from a train split, where some ZsRE records have no target."""
+    from easyedit_nmke.evaluate.records import load_records, locality_texts
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([
+        {"src": "What gender is Ada?", "subject": "Ada", "alt": "", "answers": ["female"],
+         "loc": "nq question: who plays the cat in the hat movie", "loc_ans": "Mike Myers"},
+        {"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": "Goethe", "loc": "nq question: x"},
+    ]))
+    assert locality_texts(path) == ["nq question: who plays the cat in the hat movie Mike Myers"]
+    with pytest.raises(ValueError, match=r"train.json\[0\].*empty target"):
+        load_records([path])  # records to edit still need a target
+
+
 def test_token_accuracy_is_teacher_forced(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     pair = ("The capital of France is", " Paris and more")

@@ -227,15 +227,11 @@ def _load_method(method: Method, dataset: "Dataset", config: BenchConfig, single
     path = hparams_file(method, config.model, config.hparams_dir, single_method)
     spec = BaselineSpec(method.alg, quiet=True)
     if method.alg == "WISE":
-        from .records import load_records
+        from .records import locality_texts
 
         if dataset.loc_source is None:
             raise SkipMethod(f"WISE needs a training split's locality pairs for {dataset.name} (none known)")
-        spec.loc_prompts = [
-            f"{r.locality_prompt} {r.locality_answer}"
-            for r in load_records([dataset.loc_source])
-            if r.locality_prompt and r.locality_answer
-        ]
+        spec.loc_prompts = locality_texts(dataset.loc_source)
     fields = set(spec.hparams_cls.__dataclass_fields__)
     overrides.update({k: v for k, v in config.overrides.items() if k in fields})
     hparams = spec.load_hparams(path, overrides)

@@ -37,8 +37,12 @@ def _first(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def record_from_dict(raw: Mapping[str, Any], source: str = "") -> EditRecord:
-    """Accepts ZsRE keys (src/alt/rephrase/loc/loc_ans) and CounterFact/WISE keys (prompt/target_new/...)."""
+def record_from_dict(raw: Mapping[str, Any], source: str = "", require_target: bool = True) -> EditRecord:
+    """Accepts ZsRE keys (src/alt/rephrase/loc/loc_ans) and CounterFact/WISE keys (prompt/target_new/...).
+
+    ``require_target=False`` accepts a record without an edit target, for callers that
+    read only its locality pair (WISE's unrelated text from a training split).
+    """
     if "src" in raw:
         # The locality prompt keeps its "nq question: " prefix, as EasyEdit's ZsRE loader does.
         loc = raw.get("loc")
@@ -63,12 +67,14 @@ def record_from_dict(raw: Mapping[str, Any], source: str = "") -> EditRecord:
         )
     else:
         raise ValueError(f"{source}: record has neither 'src' (ZsRE) nor 'prompt' (CounterFact) keys: {sorted(raw)}")
-    if not record.target:
+    if require_target and not record.target:
         raise ValueError(f"{source}: record with prompt {record.prompt!r} has an empty target")
     return record
 
 
-def load_records(paths: Sequence[Union[str, Path]], limit: Optional[int] = None) -> List[EditRecord]:
+def load_records(
+    paths: Sequence[Union[str, Path]], limit: Optional[int] = None, require_target: bool = True
+) -> List[EditRecord]:
     """Records from one or more JSON files, in order; the project's demo set when none is given."""
     records: List[EditRecord] = []
     for path in paths or [DEMO_DATA]:
@@ -77,7 +83,21 @@ def load_records(paths: Sequence[Union[str, Path]], limit: Optional[int] = None)
         if not isinstance(raw, list):
             raise ValueError(f"{path}: expected a JSON list of edit records")
         for i, item in enumerate(raw):
-            records.append(record_from_dict(item, source=f"{path}[{i}]"))
+            records.append(record_from_dict(item, source=f"{path}[{i}]", require_target=require_target))
             if limit is not None and len(records) >= limit:
                 return records
     return records
+
+
+def locality_texts(path: Union[str, Path]) -> List[str]:
+    """``"<locality prompt> <answer>"`` of every record in ``path`` that has both.
+
+    WISE trains its router against such unrelated text from a dataset's training split;
+    records there may lack an edit target (some ZsRE train records do), which does not
+    matter for their locality pair.
+    """
+    return [
+        f"{r.locality_prompt} {r.locality_answer}"
+        for r in load_records([path], require_target=False)
+        if r.locality_prompt and r.locality_answer
+    ]
