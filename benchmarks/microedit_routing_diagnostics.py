@@ -53,16 +53,17 @@ def main(argv=None) -> dict:
 
     from easyedit_nmke.evaluate import metrics
     from easyedit_nmke.evaluate.records import load_records
-    from easyedit_nmke.evaluate.runner import _Checkpointer, evaluation_groups
-    from easyedit_nmke.methods import METHODS
-    from easyedit_nmke.models.microedit.state import get_state
     from easyedit_nmke.cli import parse_overrides
-    from easyedit_nmke.methods import load_hparams
+    from easyedit_nmke.evaluate.runner import _Checkpointer, evaluation_groups
+    from easyedit_nmke.methods import METHODS, load_hparams
+    from easyedit_nmke.models.microedit.state import get_state
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
     data = zsre_dev_file(args.data)
     spec = METHODS["MicroEdit"]
     hparams = load_hparams(args.hparams, parse_overrides(args.overrides))
+    if hparams.alg_name != "MicroEdit":
+        raise SystemExit(f"{args.hparams} is an {hparams.alg_name} YAML; this script needs a MicroEdit one")
     model, tok = load_model_and_tokenizer(hparams.model_name)
     all_records = load_records([data], limit=args.num_edits)
     records = all_records[: args.records]
@@ -77,9 +78,9 @@ def main(argv=None) -> dict:
     with state.switch.mode_set("always"):
         loc_always_unedited = metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference))
 
-    tau = state.threshold
-    reports = [("unedited", before)]
-    result = {"command": command_line(), "data": str(data), "records_scored": len(records), "tau": tau}
+    # (name, report, τ it was routed with): a restored checkpoint brings its own τ.
+    reports = [("unedited", before, state.threshold)]
+    result = {"command": command_line(), "data": str(data), "records_scored": len(records), "tau": state.threshold}
     if args.work_dir is not None:
         restored = _Checkpointer(args.work_dir, spec, hparams, all_records).restore(model, len(all_records))
         if restored is None:
@@ -88,8 +89,10 @@ def main(argv=None) -> dict:
         if done < args.records:
             raise SystemExit(f"the checkpoint holds {done} edits, fewer than --records {args.records}")
         after = spec.checkpoint_report(model, tok, groups, with_distances=True)
-        reports.append(("edited", after))
+        reports.append(("edited", after, state.threshold))
         result["checkpoint_edits"] = done
+        result["tau"] = state.threshold
+        result["tau_unedited"] = reports[0][2]
     with state.switch.mode_set("always"):
         always = {"loc_unedited_sae": loc_always_unedited}
         if args.work_dir is not None:
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
                 loc_edited_sae=metrics.mean(metrics.locality_agreement(model, tok, loc_pairs, loc_reference)),
             )
     result["ard"] = {which: {name: quantiles(report["ard"][name]) for name in ("edit", "gen", "loc")}
-                     for which, report in reports}
+                     for which, report, _ in reports}
     result["routed_share"] = {
         which: {
             f"{m:g}tau": {
@@ -108,7 +111,7 @@ def main(argv=None) -> dict:
             }
             for m in TAU_MULTIPLES
         }
-        for which, report in reports
+        for which, report, tau in reports
     }
     result["sae_always_on"] = always
     emit(result, args.out)

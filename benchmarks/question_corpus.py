@@ -11,7 +11,7 @@ form the evaluation feeds them. The lines are shuffled (``--copies`` shuffled pa
 and spread evenly between the WikiText-2 lines, so that every window of the corpus,
 held-out ones included, holds both kinds of text.
 
-    python benchmarks/question_corpus.py --out runs/corpora/wt2_zsre_questions
+    EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/question_corpus.py --out runs/corpora/wt2_zsre_questions
 """
 from __future__ import annotations
 
@@ -19,16 +19,25 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
+from typing import List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from easyedit_nmke.evaluate.records import EditRecord, load_records  # noqa: E402
 
 
-def question_lines(records, copies: int, seed: int):
+def question_lines(records: Sequence[EditRecord], copies: int, seed: int) -> List[str]:
+    """Question + answer, rephrase + answer and locality question + answer of each record,
+    ``copies`` times, each copy shuffled."""
     lines = []
     for record in records:
-        answer = record["answers"][0] if record.get("answers") else record["pred"]
-        lines.append(f"{record['src']} {answer}")
-        lines.append(f"{record['rephrase']} {answer}")
-        lines.append(f"{record['loc']} {record['loc_ans']}")
+        for prompt, answer in ((record.prompt, record.ground_truth), (record.rephrase, record.ground_truth),
+                               (record.locality_prompt, record.locality_answer)):
+            if prompt and answer:
+                lines.append(f"{prompt} {answer}")
     rng = random.Random(seed)
     out = []
     for _ in range(copies):
@@ -40,19 +49,21 @@ def question_lines(records, copies: int, seed: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    data = Path(os.environ.get("EASYEDIT_NMKE_DATA_DIR", "../shared/data"))
-    p.add_argument("--wikitext", type=Path, default=data / "wikitext-2")
-    p.add_argument("--zsre", type=Path, default=data / "zsre_mend_train-1k.json")
+    data = os.environ.get("EASYEDIT_NMKE_DATA_DIR")
+    p.add_argument("--wikitext", type=Path, default=Path(data) / "wikitext-2" if data else None)
+    p.add_argument("--zsre", type=Path, default=Path(data) / "zsre_mend_train-1k.json" if data else None)
     p.add_argument("--skip", type=int, default=275, help="train records the benchmark edits (left out)")
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder; corpus.txt is written there")
     args = p.parse_args(argv)
+    if args.wikitext is None or args.zsre is None:
+        raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (WikiText-2 and zsre_mend_train-1k.json) or pass --wikitext and --zsre")
 
     wiki = []
     for path in sorted(args.wikitext.glob("*.txt")):
         wiki.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    records = json.loads(args.zsre.read_text())[args.skip :]
+    records = load_records([args.zsre], require_target=False)[args.skip :]
     questions = question_lines(records, args.copies, args.seed)
     if not wiki or not questions:
         raise SystemExit("no WikiText-2 lines or no questions found")

@@ -97,6 +97,36 @@ def corpus_file(tmp_path: Path) -> Path:
     return path
 
 
+def write_sparsify_folder(
+    root: Path, name: str = "layers.1", d_in: int = 64, expansion: int = 2, k: int = 7, bias_shift: float = -6.0
+):
+    """A random EleutherAI sparsify SAE folder (cfg.json + sae.safetensors): (folder, tensors, k).
+
+    The default negative encoder bias leaves small inputs with fewer than k positive
+    pre-activations; ``bias_shift=0`` makes most latents fire.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    d_sae = d_in * expansion
+    folder = root / name
+    folder.mkdir(parents=True)
+    cfg = {"expansion_factor": expansion, "normalize_decoder": True, "num_latents": 0, "k": k, "signed": False,
+           "d_in": d_in}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    w_dec = torch.randn(d_sae, d_in)
+    tensors = {
+        "encoder.weight": torch.randn(d_sae, d_in) * 0.2,
+        "encoder.bias": torch.randn(d_sae) + bias_shift,
+        "W_dec": w_dec / w_dec.norm(dim=1, keepdim=True),
+        "b_dec": torch.randn(d_in),
+    }
+    save_file(tensors, str(folder / "sae.safetensors"))
+    return folder, tensors, k
+
+
 def tiny_hparams(arch: str, corpus: Path, stats_dir: Path, **overrides):
     from easyedit_nmke.models.nmke import NMKEHyperParams
 

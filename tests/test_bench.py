@@ -315,7 +315,9 @@ def test_upstream_baselines_in_bench(setup, tmp_path):
     """AlphaEdit resumes from checkpoints (weights + its key cache); WISE/GRACE run without."""
     data = tmp_path / "data"
     shutil.copytree(setup["data"], data)
-    (data / "zsre_mend_train-1k.json").write_text(json.dumps(ZSRE))  # WISE's unrelated text
+    # WISE's unrelated text: a train split whose locality questions the run does not score
+    train = [{**record, "loc": f"nq question: unrelated {i}"} for i, record in enumerate(ZSRE)]
+    (data / "zsre_mend_train-1k.json").write_text(json.dumps(train))
     out = tmp_path / "out"
     from easyedit_nmke.cli import main
 

@@ -51,6 +51,8 @@ def test_locality_texts_read_records_without_an_edit_target(tmp_path):
         {"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": "Goethe", "loc": "nq question: x"},
     ]))
     assert locality_texts(path) == ["nq question: who plays the cat in the hat movie Mike Myers"]
+    # Questions the run scores stay out (ZsRE's train split is also edited past the dev file).
+    assert locality_texts(path, {"nq question: who plays the cat in the hat movie"}) == []
     with pytest.raises(ValueError, match=r"train.json\[0\].*empty target"):
         load_records([path])  # records to edit still need a target
 

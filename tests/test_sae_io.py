@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("sae_lens")
 
@@ -18,7 +17,7 @@ from easyedit_nmke.models.microedit.microedit_hparams import MicroEditHyperParam
 from easyedit_nmke.models.microedit.sae_io import SAEError, load_sae, read_metrics, save_sae  # noqa: E402
 from easyedit_nmke.models.microedit.train_sae import collect_activations, ensure_sae, train_sae  # noqa: E402
 
-from conftest import tiny_model  # noqa: E402
+from conftest import tiny_model, write_sparsify_folder  # noqa: E402
 
 D_IN = 64  # the tiny models' hidden size
 
@@ -63,26 +62,6 @@ def model(tokenizer):
 
 
 # --------------------------------------------------------------------------- sparsify
-
-
-def write_sparsify_folder(root: Path, name: str = "layers.1", d_in: int = D_IN, expansion: int = 2, k: int = 7):
-    torch.manual_seed(1)
-    d_sae = d_in * expansion
-    folder = root / name
-    folder.mkdir(parents=True)
-    cfg = {"expansion_factor": expansion, "normalize_decoder": True, "num_latents": 0, "k": k, "signed": False,
-           "d_in": d_in}
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    w_dec = torch.randn(d_sae, d_in)
-    tensors = {
-        "encoder.weight": torch.randn(d_sae, d_in) * 0.2,
-        # negative biases: small inputs have fewer than k positive pre-activations
-        "encoder.bias": torch.randn(d_sae) - 6.0,
-        "W_dec": w_dec / w_dec.norm(dim=1, keepdim=True),
-        "b_dec": torch.randn(d_in),
-    }
-    save_file(tensors, str(folder / "sae.safetensors"))
-    return folder, tensors, k
 
 
 def sparsify_formula(x, tensors, k):

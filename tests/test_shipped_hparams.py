@@ -1,23 +1,23 @@
 """Every shipped hparams YAML, run as written on a tiny random model of its architecture.
 
-The big-model YAMLs (Llama-3-8B, Mistral-7B, Qwen2.5-7B, GPT2-XL, Gemma-3) cannot be run
-here, so each is checked two ways: its layer indices against the real model's depth, and
-one edit with the YAML's own module templates, SAE source and method settings on a
-4-layer model of the same transformers class.  Only what cannot fit a 4-layer, 64-wide
-model is shrunk: layer indices, corpus and SAE sizes, step counts.
+Most YAMLs name models that cannot run here (Llama-3-8B, Mistral-7B, Qwen2.5-7B,
+GPT2-XL), so each YAML is checked two ways: its layer indices against the real model's
+depth, and one edit with the YAML's own module templates, SAE source and method
+settings on a 4-layer model of the same transformers class.  Only what cannot fit that
+model, or would make the test slow, is shrunk: layer indices, corpus and SAE sizes,
+optimisation step counts.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from conftest import REPO, REQUESTS, tiny_model
+from conftest import REPO, REQUESTS, tiny_model, write_sparsify_folder
+from easyedit_nmke.util.nethook import get_module
 
 # YAML stem -> (tiny architecture in conftest, the real model's number of decoder blocks).
 # A new YAML needs a row here, so that it is tested too.
@@ -30,8 +30,6 @@ ARCHITECTURES: Dict[str, Tuple[str, int]] = {
     "qwen2.5-7b": ("qwen2", 28),
     "gpt2-xl": ("gpt2", 48),
 }
-TINY_DEPTH = 4  # conftest.tiny_model
-TINY_WIDTH = 64
 
 
 def _yamls(method: str):
@@ -50,6 +48,16 @@ def _parameters(model) -> Dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def _check_module_names(model, config: dict) -> None:
+    """Every module template / module name of the YAML names a module of the model."""
+    for key, value in config.items():
+        if key.endswith("_module_tmp"):
+            for layer in config["layers"]:
+                get_module(model, value.format(layer))
+        elif key.endswith("_module"):
+            get_module(model, value)
+
+
 def _changed(model, before: Dict[str, torch.Tensor]):
     """Names of the model's own parameters (those in ``before``) that differ from it."""
     now = dict(model.named_parameters())
@@ -65,6 +73,10 @@ def test_both_methods_ship_yamls_for_the_supported_models(method):
     assert {"smollm2-135m", "llama3-8b", "mistral-7b", "qwen2.5-7b", "gpt2-xl"} <= names
 
 
+def test_every_architecture_row_belongs_to_a_shipped_yaml():
+    assert set(ARCHITECTURES) == set(_ids(_yamls("NMKE") + _yamls("MicroEdit")))
+
+
 @pytest.mark.parametrize("path", _yamls("NMKE") + _yamls("MicroEdit"), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_layer_indices_fit_the_real_model(path):
     assert path.stem in ARCHITECTURES, f"add {path.stem} to ARCHITECTURES (tiny architecture, depth)"
@@ -77,6 +89,8 @@ def test_layer_indices_fit_the_real_model(path):
     if config["alg_name"] == "NMKE":
         assert config["v_loss_layer"] == depth - 1, "z is read out after the last block"
         assert config["layers"] == sorted(config["layers"])
+    if config.get("sae_format") == "sparsify":  # sparsify names a layer's folder after its hookpoint
+        assert Path(config["sae_path"]).name == f"layers.{config['layers'][0]}", path.name
 
 
 def test_release_sae_ids_exist_in_sae_lens_catalogue():
@@ -116,7 +130,7 @@ def test_nmke_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, corpu
         model_name=f"tiny-{arch}",
         device="cpu",
         layers=[1, 2],
-        v_loss_layer=TINY_DEPTH - 1,
+        v_loss_layer=model.config.num_hidden_layers - 1,
         v_num_grad_steps=min(8, config["v_num_grad_steps"]),
         context_template_length_params=[[4, 2]],
         mom2_dataset=str(corpus_file),
@@ -125,6 +139,7 @@ def test_nmke_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, corpu
         stats_dir=str(tmp_path / "stats"),
     )
     hparams = NMKEHyperParams.from_dict(config)
+    _check_module_names(model, config)
     before = _parameters(model)
     apply_nmke_to_model(model, tokenizer, [REQUESTS[0]], hparams)
     rewritten = {f"{config['rewrite_module_tmp'].format(layer)}.weight" for layer in config["layers"]}
@@ -133,23 +148,6 @@ def test_nmke_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, corpu
 
 
 # --------------------------------------------------------------------------- MicroEdit
-
-
-def _write_sparsify_folder(folder: Path, d_in: int, d_sae: int, k: int) -> None:
-    """A random EleutherAI sparsify SAE folder (cfg.json + sae.safetensors)."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    decoder = torch.randn(d_sae, d_in, generator=gen)
-    save_file(
-        {
-            "encoder.weight": torch.randn(d_sae, d_in, generator=gen) * 0.1,
-            "encoder.bias": torch.zeros(d_sae),
-            "W_dec": decoder / decoder.norm(dim=-1, keepdim=True),
-            "b_dec": torch.zeros(d_in),
-        },
-        str(folder / "sae.safetensors"),
-    )
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "k": k, "num_latents": d_sae, "activation": "topk"}))
 
 
 @pytest.mark.parametrize("path", _yamls("MicroEdit"), ids=_ids(_yamls("MicroEdit")))
@@ -167,11 +165,15 @@ def test_microedit_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, 
     model = tiny_model(arch, len(tokenizer))
     config = _config(path)
     layer = 1
+    width = model.config.hidden_size
     d_sae = 512  # wide enough for the YAMLs' own k (up to 400)
+    yaml_release = (config.get("sae_release"), config.get("sae_id"))
     config.update(
         model_name=f"tiny-{arch}",
         device="cpu",
         layers=[layer],
+        stage1_steps=min(5, config.get("stage1_steps", 5)),
+        stage2_steps=min(10, config.get("stage2_steps", 10)),
         calibration_dataset=str(corpus_file),
         calibration_samples=16,
         calibration_max_length=32,
@@ -187,8 +189,9 @@ def test_microedit_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, 
             sae_train_batch_tokens=64,
         )
     elif config.get("sae_format") == "sparsify":  # the folder named after sparsify's hookpoint
-        folder = tmp_path / "sparsify" / f"layers.{layer}"
-        _write_sparsify_folder(folder, TINY_WIDTH, d_sae, k=32)
+        folder, _, _ = write_sparsify_folder(
+            tmp_path / "sparsify", name=f"layers.{layer}", d_in=width, expansion=d_sae // width, k=32, bias_shift=0.0
+        )
         config["sae_path"] = str(folder)
     else:  # a SAE-Lens release: the download is replaced by a standard SAE of that shape
         assert config["sae_release"] and config["sae_id"]
@@ -198,13 +201,14 @@ def test_microedit_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, 
             requested.append((release, sae_id))
             torch.manual_seed(0)
             return sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
-                d_in=TINY_WIDTH, d_sae=d_sae,
+                d_in=width, d_sae=d_sae,
                 metadata=SAEMetadata(hook_name=f"blocks.{layer + 1}.hook_resid_pre"),
             ))
 
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setattr(sae_io, "load_pretrained", fake_release)
     hparams = MicroEditHyperParams.from_dict(config)
+    _check_module_names(model, config)
     before = _parameters(model)
     apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
     state = get_state(model)
@@ -217,4 +221,4 @@ def test_microedit_yaml_edits_a_tiny_model_of_its_architecture(path, tokenizer, 
     for name in ("W_enc", "b_enc", "b_dec"):
         assert torch.equal(getattr(state.sae, name).detach(), getattr(fresh, name)), name
     if not config.get("sae_train_d_sae") and config.get("sae_format") != "sparsify":
-        assert requested == [(_config(path)["sae_release"], _config(path)["sae_id"])] * 2
+        assert requested == [yaml_release] * 2

@@ -32,7 +32,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .records import EditRecord
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m"
@@ -203,7 +206,9 @@ def cell_name(dataset: Dataset, n: int, method: Method) -> str:
     return f"{dataset.name}-T{n}__{method.safe_label}"
 
 
-def _load_method(method: Method, dataset: "Dataset", config: BenchConfig, single_method: bool):
+def _load_method(
+    method: Method, dataset: "Dataset", config: BenchConfig, single_method: bool, records: Sequence["EditRecord"] = ()
+):
     """(spec, hparams, hparams path), or SkipMethod saying why the method cannot run."""
     overrides = dict(method.overrides)
     if method.kind == "plugin":
@@ -231,7 +236,12 @@ def _load_method(method: Method, dataset: "Dataset", config: BenchConfig, single
 
         if dataset.loc_source is None:
             raise SkipMethod(f"WISE needs a training split's locality pairs for {dataset.name} (none known)")
-        spec.loc_prompts = locality_texts(dataset.loc_source)
+        # ZsRE's train split is also edited beyond the dev file: keep its scored questions out.
+        spec.loc_prompts = locality_texts(dataset.loc_source, {r.locality_prompt for r in records if r.locality_prompt})
+        if not spec.loc_prompts:
+            raise SkipMethod(
+                f"WISE needs unrelated text: {dataset.loc_source} has no locality pairs besides those this run scores"
+            )
     fields = set(spec.hparams_cls.__dataclass_fields__)
     overrides.update({k: v for k, v in config.overrides.items() if k in fields})
     hparams = spec.load_hparams(path, overrides)
@@ -292,8 +302,8 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     from .records import load_records
     from .runner import RunConfig, hparams_dict, results_table, run_lifelong
 
-    spec, hparams, hparams_path = _load_method(method, dataset, config, single_method)
     records = load_records(dataset.paths, limit=config.num_edits)
+    spec, hparams, hparams_path = _load_method(method, dataset, config, single_method, records)
     n = len(records)
     if config.num_edits is not None and n < config.num_edits:
         print(f"[bench] {dataset.name}: only {n} records; running {n} edits", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo_edits.json"
 
@@ -89,15 +89,18 @@ def load_records(
     return records
 
 
-def locality_texts(path: Union[str, Path]) -> List[str]:
+def locality_texts(path: Union[str, Path], exclude_prompts: Collection[str] = ()) -> List[str]:
     """``"<locality prompt> <answer>"`` of every record in ``path`` that has both.
 
     WISE trains its router against such unrelated text from a dataset's training split;
     records there may lack an edit target (some ZsRE train records do), which does not
-    matter for their locality pair.
+    matter for their locality pair.  ``exclude_prompts``: locality prompts the run scores
+    (when the split is also edited, as ZsRE's is beyond the dev file), left out so the
+    router never trains on a question it is evaluated on.
     """
+    excluded = set(exclude_prompts)
     return [
         f"{r.locality_prompt} {r.locality_answer}"
         for r in load_records([path], require_target=False)
-        if r.locality_prompt and r.locality_answer
+        if r.locality_prompt and r.locality_answer and r.locality_prompt not in excluded
     ]
