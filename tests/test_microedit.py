@@ -20,7 +20,8 @@ from easyedit_nmke.models.microedit import (  # noqa: E402
 )
 from easyedit_nmke.models.microedit.calibration import calibrate_threshold  # noqa: E402
 from easyedit_nmke.models.microedit.sae_hook import reconstruction_distance, sae_reconstruction  # noqa: E402
-from easyedit_nmke.util.requests import RequestError  # noqa: E402
+from easyedit_nmke.models.microedit.compute_decoder_edit import edit_input  # noqa: E402
+from easyedit_nmke.util.requests import RequestError, normalise_request  # noqa: E402
 
 LAYER = 2
 
@@ -43,6 +44,7 @@ def hparams_for(arch: str, sae_dir: Path, **overrides) -> MicroEditHyperParams:
         model_name=f"tiny-{arch}",
         layers=[LAYER],
         layer_module_tmp=TEMPLATES[arch]["layer_module_tmp"],
+        ln_f_module=TEMPLATES[arch]["ln_f_module"],
         sae_path=str(sae_dir),
         ard_threshold=1e9,  # route everything unless a test says otherwise
         ard_alpha=1.0,
@@ -157,6 +159,37 @@ def test_edit_trains_only_the_active_decoder_rows_and_teaches_the_target(tokeniz
     info = state.last_edit_info
     assert info["ard_after"] < info["ard_before"]
     assert state.num_edits == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("layer", [LAYER, 3])  # 3: the last block, nothing above the SAE to replay
+def test_replaying_the_blocks_above_the_sae_gives_the_full_forwards_edit(arch, layer, tokenizer, sae_dir):
+    """Stage 2 on the blocks above the hook only (fast_path) trains the rows the full model would."""
+    edits = {}
+    for fast in (True, False):
+        model = tiny_model(arch, len(tokenizer))
+        hparams = hparams_for(arch, sae_dir, layers=[layer], fast_path=fast, stop_prob=1.0)
+        state = prepare_state(model, tokenizer, hparams, progress=False)
+        inputs = edit_input(model, tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
+        assert (inputs.replay is not None) == fast
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+        edits[fast] = (state.sae.W_dec.detach().clone(), state.last_edit_info["steps"][1])
+    (fast_rows, fast_steps), (full_rows, full_steps) = edits[True], edits[False]
+    assert fast_steps == full_steps == 15
+    torch.testing.assert_close(fast_rows, full_rows, rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrong_final_norm_falls_back_to_the_full_forward(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    hparams = hparams_for("llama", sae_dir, ln_f_module="model.layers.0.mlp")
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    with pytest.warns(UserWarning, match="fast_path: replayed blocks differ"):
+        inputs = edit_input(model, tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
+    assert inputs.replay is None
+    before = state.sae.W_dec.detach().clone()
+    with pytest.warns(UserWarning, match="fast_path"):
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    assert not torch.equal(state.sae.W_dec, before)
 
 
 def test_sequential_edits_accumulate_and_weights_copy_restores_exactly(tokenizer, sae_dir):

@@ -410,6 +410,42 @@ class SuffixReplay:
             lengths=suffix_lengths,
         )
 
+    @classmethod
+    def whole(
+        cls,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        block_names: Sequence[str],
+        first: int,
+        norm_name: str,
+    ) -> "SuffixReplay":
+        """Blocks ``first..`` replayed on every position (``starts`` all 0, no cached past).
+
+        For callers that change the output of block ``first - 1`` at any position: one
+        plain forward records the blocks' arguments, ``hidden`` is block ``first - 1``'s
+        output and ``last_hidden`` the model's final hidden states for that input.
+        """
+        if not 1 <= first <= len(block_names):
+            raise ValueError(f"first block to replay must be in [1, {len(block_names)}], got {first}")
+        replayed = list(block_names[first:])
+        with torch.no_grad(), record_calls(model, replayed) as calls, capture(model, [block_names[first - 1]]) as outputs:
+            out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        missing = [name for name in replayed if name not in calls]
+        if missing:
+            raise ArchitectureError(f"blocks {missing} were not called by {type(model).__name__}'s forward")
+        return cls(
+            model=model,
+            blocks=[get_module(model, name) for name in replayed],
+            calls=[calls[name] for name in replayed],
+            past=None,
+            norm=get_module(model, norm_name),
+            hidden=outputs[block_names[first - 1]],
+            last_hidden=out.last_hidden_state,
+            starts=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
+            lengths=attention_mask.sum(1),
+        )
+
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output of the last replayed block for ``hidden`` [B, Ls, d] entering block ``first``."""
         return replay_blocks(self.blocks, self.calls, hidden, self.past)

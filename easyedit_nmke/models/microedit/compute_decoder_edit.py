@@ -12,18 +12,27 @@ L_edit = −log P(target_new | prompt) when ẑ replaces the block output.  The 
 the prompt followed by the teacher-forced target tokens, the same sequence the
 reliability metric feeds, so the positions whose reconstruction is trained are the
 positions whose routing is later decided.
+
+Since nothing below the hooked block changes while its rows are trained, a stage-2
+step need not run the whole model: with ``fast_path`` (and ``ln_f_module`` naming the
+final norm) one plain forward records the arguments of the blocks above the hook, and
+each step replays only those blocks, the final norm and the unembedding at the target
+positions.  The replay must reproduce the model's own logits on the unedited input;
+if it does not (an architecture it does not fit), the full forward runs instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
+
+import warnings
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...util import nethook
-from ...util.model_parts import logits_at
+from ...util.model_parts import SuffixReplay, head_logits, logits_at, num_layers
 from ...util.requests import EditRequest, encode, encode_target
 from .activations import ordinary_positions
 from .microedit_hparams import MicroEditHyperParams
@@ -66,6 +75,7 @@ class EditInput:
     ordinary: torch.Tensor  # [1, seq] positions the switch may route (no massive-norm tokens)
     acts: torch.Tensor  # [1, seq, d_sae] latent activations ĥ
     latents: torch.Tensor  # [n_active] latents active on an ordinary position
+    replay: Optional[SuffixReplay] = None  # the blocks above the hook (fast path), or None
 
 
 def edit_input(
@@ -82,7 +92,10 @@ def edit_input(
     prompt_ids = encode(tok, request.prompt)
     target_ids = encode_target(tok, request.target)
     input_ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
-    hidden = block_output(model, layer_name, input_ids, switch).to(sae.W_dec.dtype)
+    cols = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device)
+    replay = upper_blocks(model, hparams, input_ids, cols, switch) if hparams.fast_path and hparams.ln_f_module else None
+    block_hidden = replay.hidden if replay is not None else block_output(model, layer_name, input_ids, switch)
+    hidden = block_hidden.to(sae.W_dec.dtype)
     ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
     with torch.no_grad():
         acts = sae.encode(hidden)  # [1, seq, d_sae]; fixed: the encoder does not read W_dec
@@ -93,13 +106,48 @@ def edit_input(
         layer_name=layer_name,
         input_ids=input_ids,
         rows=torch.zeros(len(target_ids), dtype=torch.long, device=device),
-        cols=torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device),
+        cols=cols,
         targets=torch.tensor(target_ids, device=device),
         hidden=hidden,
         ordinary=ordinary,
         acts=acts,
         latents=latents,
+        replay=replay,
     )
+
+
+class ReplayMismatch(RuntimeError):
+    """Replaying the blocks above the hook did not reproduce the model's logits."""
+
+
+def upper_blocks(
+    model: nn.Module,
+    hparams: MicroEditHyperParams,
+    input_ids: torch.Tensor,
+    cols: torch.Tensor,
+    switch: SAESwitch,
+) -> Optional[SuffixReplay]:
+    """The blocks above the hooked one, ready to replay on ``input_ids``; None if the replay does not fit the model."""
+    block_names = [hparams.layer_module_tmp.format(i) for i in range(num_layers(model))]
+    rows = torch.zeros_like(cols)
+    try:
+        with switch.mode_set("off"):
+            replay = SuffixReplay.whole(
+                model, input_ids, torch.ones_like(input_ids), block_names, hparams.layer + 1, hparams.ln_f_module
+            )
+        with torch.no_grad():
+            expected = head_logits(model, replay.last_hidden[rows, cols]).float()
+            replayed = replay.logits(replay.hidden, rows, cols).float()
+        error = float((replayed - expected).abs().max())
+        tolerance = (1e-3 if replay.hidden.dtype in (torch.float32, torch.float64) else 3e-2) * (
+            float(expected.abs().max()) + 1.0
+        )
+        if not error <= tolerance:
+            raise ReplayMismatch(f"replayed blocks differ from the full model by {error:.3g} (> {tolerance:.3g})")
+    except Exception as exc:  # an architecture the replay does not fit
+        warnings.warn(f"fast_path: {exc}; MicroEdit runs the full model in every stage-2 step")
+        return None
+    return replay
 
 
 def compute_decoder_edit(
@@ -114,6 +162,7 @@ def compute_decoder_edit(
     layer_name = inputs.layer_name
     input_ids, rows, cols, targets = inputs.input_ids, inputs.rows, inputs.cols, inputs.targets
     hidden, ordinary, acts, latents = inputs.hidden, inputs.ordinary, inputs.acts, inputs.latents
+    replay = inputs.replay
     active_acts = acts[..., latents]
     new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
     b_dec = sae.b_dec.detach()
@@ -158,8 +207,12 @@ def compute_decoder_edit(
         for stage2 in range(1, hparams.stage2_steps + 1):
             optimizer.zero_grad()
             state["recon"] = reconstruction()
-            with switch.mode_set("off"), nethook.edit_output(model, layer_name, use_reconstruction):
-                logits = logits_at(model, input_ids, attention_mask, rows, cols).float()
+            if replay is not None:
+                block_hidden = use_reconstruction(replay.hidden)
+                logits = replay.logits(block_hidden, rows, cols).float()
+            else:
+                with switch.mode_set("off"), nethook.edit_output(model, layer_name, use_reconstruction):
+                    logits = logits_at(model, input_ids, attention_mask, rows, cols).float()
             token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
             target_prob = float(token_logp.detach().exp().mean())
             history.append(target_prob)

@@ -32,6 +32,11 @@ class MicroEditHyperParams(PluginHyperParams):
     layers: List[int]  # exactly one decoder block; the SAE reads and replaces its output
     layer_module_tmp: str  # decoder block, e.g. "model.layers.{}"
     alg_name: str = "MicroEdit"
+    # The final norm (e.g. "model.norm", GPT-2 "transformer.ln_f"): with fast_path, stage-2
+    # steps replay only the blocks above the SAE, then this norm and the unembedding.
+    # Without it every step runs the whole model (same result, slower).
+    ln_f_module: Optional[str] = None
+    fast_path: bool = True
     device: Union[int, str] = "cpu"
 
     # --- the SAE -------------------------------------------------------------
