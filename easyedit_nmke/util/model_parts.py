@@ -383,32 +383,26 @@ class SuffixReplay:
         for layer_idx in sorted(states):
             keys, values = states[layer_idx]
             cache.update(_left_aligned_prefix(keys, starts, width), _left_aligned_prefix(values, starts, width), layer_idx)
-        replayed = list(block_names[first:])
-        with torch.no_grad(), record_calls(model, replayed) as calls, capture(
-            model, [block_names[first - 1]]
-        ) as outputs, _RecordedUpdates(cache) as rec:
-            out = model.base_model(
-                input_ids=suffix_ids,
-                attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
+        with _RecordedUpdates(cache) as rec:
+            replay = cls._recorded(
+                model,
+                block_names,
+                first,
+                norm_name,
+                lambda: model.base_model(
+                    input_ids=suffix_ids,
+                    attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                ),
+                starts=starts,
+                lengths=suffix_lengths,
             )
-        past = {i: (k[..., : k.shape[-2] - n, :], v[..., : v.shape[-2] - n, :]) for i, (k, v, n) in rec.states.items()}
-        missing = [name for name in replayed if name not in calls]
-        if missing:
-            raise ArchitectureError(f"blocks {missing} were not called by {type(model).__name__}'s forward")
-        return cls(
-            model=model,
-            blocks=[get_module(model, name) for name in replayed],
-            calls=[calls[name] for name in replayed],
-            past=_FixedPast(past),
-            norm=get_module(model, norm_name),
-            hidden=outputs[block_names[first - 1]],
-            last_hidden=out.last_hidden_state,
-            starts=starts,
-            lengths=suffix_lengths,
+        replay.past = _FixedPast(
+            {i: (k[..., : k.shape[-2] - n, :], v[..., : v.shape[-2] - n, :]) for i, (k, v, n) in rec.states.items()}
         )
+        return replay
 
     @classmethod
     def whole(
@@ -428,9 +422,22 @@ class SuffixReplay:
         """
         if not 1 <= first <= len(block_names):
             raise ValueError(f"first block to replay must be in [1, {len(block_names)}], got {first}")
+        return cls._recorded(
+            model,
+            block_names,
+            first,
+            norm_name,
+            lambda: model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+            starts=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
+            lengths=attention_mask.sum(1),
+        )
+
+    @classmethod
+    def _recorded(cls, model, block_names, first, norm_name, forward, starts, lengths) -> "SuffixReplay":
+        """Run ``forward()`` recording the arguments of blocks ``first..`` and the output of block ``first - 1``."""
         replayed = list(block_names[first:])
         with torch.no_grad(), record_calls(model, replayed) as calls, capture(model, [block_names[first - 1]]) as outputs:
-            out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = forward()
         missing = [name for name in replayed if name not in calls]
         if missing:
             raise ArchitectureError(f"blocks {missing} were not called by {type(model).__name__}'s forward")
@@ -442,8 +449,8 @@ class SuffixReplay:
             norm=get_module(model, norm_name),
             hidden=outputs[block_names[first - 1]],
             last_hidden=out.last_hidden_state,
-            starts=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
-            lengths=attention_mask.sum(1),
+            starts=starts,
+            lengths=lengths,
         )
 
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
