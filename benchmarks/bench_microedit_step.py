@@ -3,8 +3,8 @@
 For the first ``--records`` ZsRE dev edits, computes each edit's new decoder rows twice
 from the same SAE — ``fast_path`` on (stage-2 steps run only the blocks above the hooked
 one) and off (every step runs the whole model) — alternating the order per edit so both
-see the same machine load, and reports seconds per edit and per stage-2 step, the step
-counts, and the largest difference between the two sets of rows.  The edits are not
+see the same machine load, and reports seconds per edit, the stage-2 step counts and the
+largest difference between the two sets of rows.  The edits are not
 applied (every edit starts from the same SAE), so the timing isolates the training.
 
 The SAE is the YAML's own when it exists at ``sae_path``; otherwise (``--random-sae``) a

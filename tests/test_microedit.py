@@ -161,35 +161,60 @@ def test_edit_trains_only_the_active_decoder_rows_and_teaches_the_target(tokeniz
     assert state.num_edits == 1
 
 
+def _one_edit(arch, tokenizer, sae_dir, **overrides):
+    """Rows after one edit of REQUESTS[0], whether stage 2 replayed, and the edit's info."""
+    model = tiny_model(arch, len(tokenizer))
+    hparams = hparams_for(arch, sae_dir, **overrides)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    inputs = edit_input(model.eval(), tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    return state.sae.W_dec.detach().clone(), inputs, state
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("layer", [LAYER, 3])  # 3: the last block, nothing above the SAE to replay
 def test_replaying_the_blocks_above_the_sae_gives_the_full_forwards_edit(arch, layer, tokenizer, sae_dir):
     """Stage 2 on the blocks above the hook only (fast_path) trains the rows the full model would."""
-    edits = {}
-    for fast in (True, False):
-        model = tiny_model(arch, len(tokenizer))
-        hparams = hparams_for(arch, sae_dir, layers=[layer], fast_path=fast, stop_prob=1.0)
-        state = prepare_state(model, tokenizer, hparams, progress=False)
-        inputs = edit_input(model, tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
-        assert (inputs.replay is not None) == fast
-        apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
-        edits[fast] = (state.sae.W_dec.detach().clone(), state.last_edit_info["steps"][1])
-    (fast_rows, fast_steps), (full_rows, full_steps) = edits[True], edits[False]
-    assert fast_steps == full_steps == 15
+    fast_rows, fast_inputs, fast_state = _one_edit(arch, tokenizer, sae_dir, layers=[layer], fast_path=True, stop_prob=1.0)
+    full_rows, full_inputs, full_state = _one_edit(arch, tokenizer, sae_dir, layers=[layer], fast_path=False, stop_prob=1.0)
+    assert fast_inputs.replay is not None and full_inputs.replay is None
+    assert fast_state.last_edit_info["steps"][1] == full_state.last_edit_info["steps"][1] == 15
     torch.testing.assert_close(fast_rows, full_rows, rtol=1e-4, atol=1e-5)
 
 
-def test_a_wrong_final_norm_falls_back_to_the_full_forward(tokenizer, sae_dir):
-    model = tiny_model("llama", len(tokenizer))
+def test_replay_keeps_massive_norm_positions_unreplaced(tokenizer, sae_dir):
+    """With some positions outside the SAE (a low massive-norm factor) both paths still agree."""
+    rows = {}
+    for fast in (True, False):
+        rows[fast], inputs, _ = _one_edit("llama", tokenizer, sae_dir, massive_norm_factor=1.05, fast_path=fast, stop_prob=1.0)
+        assert 0 < int(inputs.ordinary.sum()) < inputs.ordinary.numel()
+    torch.testing.assert_close(rows[True], rows[False], rtol=1e-4, atol=1e-5)
+
+
+def test_a_replay_that_does_not_fit_falls_back_once_to_the_full_forward(tokenizer, sae_dir):
+    # Not the final norm: the check against the model's own logits fails.
     hparams = hparams_for("llama", sae_dir, ln_f_module="model.layers.0.mlp")
+    model = tiny_model("llama", len(tokenizer))
     state = prepare_state(model, tokenizer, hparams, progress=False)
-    with pytest.warns(UserWarning, match="fast_path: replayed blocks differ"):
-        inputs = edit_input(model, tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
-    assert inputs.replay is None
-    before = state.sae.W_dec.detach().clone()
-    with pytest.warns(UserWarning, match="fast_path"):
+    with pytest.warns(UserWarning, match="fast_path: replayed blocks differ") as caught:
         apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
-    assert not torch.equal(state.sae.W_dec, before)
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams)
+    assert sum("fast_path" in str(w.message) for w in caught) == 1  # later edits skip the replay
+    assert state.replay_fits is False
+    reference = tiny_model("llama", len(tokenizer))
+    reference_state = prepare_state(reference, tokenizer, hparams_for("llama", sae_dir, fast_path=False), progress=False)
+    apply_microedit_to_model(reference, tokenizer, [REQUESTS[0], REQUESTS[1]], hparams_for("llama", sae_dir, fast_path=False))
+    assert torch.equal(state.sae.W_dec, reference_state.sae.W_dec)
+
+
+def test_a_final_norm_the_model_lacks_is_refused_before_anything_changes(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(Exception, match="ln_f_module 'model.final_norm'"):
+        prepare_state(model, tokenizer, hparams_for("llama", sae_dir, ln_f_module="model.final_norm"), progress=False)
+    assert get_state(model) is None
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_sequential_edits_accumulate_and_weights_copy_restores_exactly(tokenizer, sae_dir):

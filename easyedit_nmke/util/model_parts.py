@@ -420,8 +420,6 @@ class SuffixReplay:
         plain forward records the blocks' arguments, ``hidden`` is block ``first - 1``'s
         output and ``last_hidden`` the model's final hidden states for that input.
         """
-        if not 1 <= first <= len(block_names):
-            raise ValueError(f"first block to replay must be in [1, {len(block_names)}], got {first}")
         return cls._recorded(
             model,
             block_names,
@@ -435,6 +433,8 @@ class SuffixReplay:
     @classmethod
     def _recorded(cls, model, block_names, first, norm_name, forward, starts, lengths) -> "SuffixReplay":
         """Run ``forward()`` recording the arguments of blocks ``first..`` and the output of block ``first - 1``."""
+        if not 1 <= first <= len(block_names):
+            raise ValueError(f"first block to replay must be in [1, {len(block_names)}], got {first}")
         replayed = list(block_names[first:])
         with torch.no_grad(), record_calls(model, replayed) as calls, capture(model, [block_names[first - 1]]) as outputs:
             out = forward()

@@ -49,6 +49,7 @@ class DecoderEdit:
     stage1_steps: int
     stage2_steps: int
     prob_history: List[float]
+    replayed: bool  # stage 2 ran on the blocks above the SAE only
 
 
 def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
@@ -84,8 +85,13 @@ def edit_input(
     request: EditRequest,
     hparams: MicroEditHyperParams,
     switch: SAESwitch,
+    use_replay: bool = True,
 ) -> EditInput:
-    """Run the model to the hooked block on the edit's input and find the latents an edit trains."""
+    """Run the model to the hooked block on the edit's input and find the latents an edit trains.
+
+    With ``use_replay`` (and ``fast_path`` / ``ln_f_module`` set) the forward also records
+    the blocks above the hook for stage 2.  Call it with the model in eval mode.
+    """
     sae = switch.sae
     device = sae.W_dec.device
     layer_name = hparams.layer_module_tmp.format(hparams.layer)
@@ -93,7 +99,8 @@ def edit_input(
     target_ids = encode_target(tok, request.target)
     input_ids = torch.tensor([prompt_ids + target_ids[:-1]], device=device)
     cols = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids), device=device)
-    replay = upper_blocks(model, hparams, input_ids, cols, switch) if hparams.fast_path and hparams.ln_f_module else None
+    wanted = use_replay and hparams.fast_path and bool(hparams.ln_f_module)
+    replay = upper_blocks(model, hparams, input_ids, cols, switch) if wanted else None
     block_hidden = replay.hidden if replay is not None else block_output(model, layer_name, input_ids, switch)
     hidden = block_hidden.to(sae.W_dec.dtype)
     ordinary = ordinary_positions(hidden, hparams.massive_norm_factor)
@@ -156,9 +163,33 @@ def compute_decoder_edit(
     request: EditRequest,
     hparams: MicroEditHyperParams,
     switch: SAESwitch,
+    use_replay: bool = True,
+) -> DecoderEdit:
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    # Eval mode before the first forward: dropout would make the recorded block inputs
+    # and the replay check random.
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        return _train_rows(model, tok, request, hparams, switch, use_replay)
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _train_rows(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: EditRequest,
+    hparams: MicroEditHyperParams,
+    switch: SAESwitch,
+    use_replay: bool,
 ) -> DecoderEdit:
     sae = switch.sae
-    inputs = edit_input(model, tok, request, hparams, switch)
+    inputs = edit_input(model, tok, request, hparams, switch, use_replay)
     layer_name = inputs.layer_name
     input_ids, rows, cols, targets = inputs.input_ids, inputs.rows, inputs.cols, inputs.targets
     hidden, ordinary, acts, latents = inputs.hidden, inputs.ordinary, inputs.acts, inputs.latents
@@ -183,11 +214,6 @@ def compute_decoder_edit(
         return torch.where(replace, state["recon"].to(block_hidden.dtype), block_hidden)
 
     optimizer = torch.optim.Adam([new_rows], lr=hparams.edit_lr)
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     ard_before = float(ard().detach())
     history: List[float] = []
     stage1 = stage2 = 0
@@ -225,9 +251,6 @@ def compute_decoder_edit(
             optimizer.step()
     finally:
         state["recon"] = None
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
-        model.train(was_training)
     return DecoderEdit(
         latents=latents,
         rows=new_rows.detach(),
@@ -237,4 +260,5 @@ def compute_decoder_edit(
         stage1_steps=stage1,
         stage2_steps=stage2,
         prob_history=history,
+        replayed=replay is not None,
     )

@@ -96,6 +96,11 @@ def check_layer(model: nn.Module, hparams: "MicroEditHyperParams") -> str:
         raise SAEError(
             f"layer_module_tmp {hparams.layer_module_tmp!r} does not match {type(model).__name__} (no module {name!r})"
         ) from exc
+    if hparams.ln_f_module:
+        try:
+            get_module(model, hparams.ln_f_module)
+        except LookupError as exc:
+            raise SAEError(f"ln_f_module {hparams.ln_f_module!r}: {type(model).__name__} has no such module") from exc
     return name
 
 

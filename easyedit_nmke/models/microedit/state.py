@@ -35,6 +35,9 @@ class MicroEditState:
     num_edits: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
     last_edit_info: Dict[str, Any] = field(default_factory=dict, repr=False)
+    # False once the stage-2 replay failed its check on this model (see compute_decoder_edit):
+    # later edits go straight to whole-model steps instead of retrying and warning each time.
+    replay_fits: bool = True
 
     @property
     def sae(self) -> nn.Module:
