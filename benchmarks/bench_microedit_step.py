@@ -94,13 +94,13 @@ def main(argv=None) -> dict:
         print(f"edit {i}: replay {row['replay']['seconds']:.2f} s {row['replay']['steps']}, "
               f"full {row['full']['seconds']:.2f} s {row['full']['steps']}", file=sys.stderr)
 
-    def total(name, key):
-        return sum(r[name][key] if key == "seconds" else r[name]["steps"][1] for r in per_edit)
-
-    summary = {}
-    for name in variants:
-        seconds, steps = total(name, "seconds"), total(name, "steps")
-        summary[name] = {"sec_per_edit": seconds / len(per_edit), "stage2_steps_mean": steps / len(per_edit)}
+    summary = {
+        name: {
+            "sec_per_edit": sum(r[name]["seconds"] for r in per_edit) / len(per_edit),
+            "stage2_steps_mean": sum(r[name]["steps"][1] for r in per_edit) / len(per_edit),
+        }
+        for name in variants
+    }
     summary["full_over_replay"] = summary["full"]["sec_per_edit"] / summary["replay"]["sec_per_edit"]
     summary["max_row_difference"] = max(r["max_row_difference"] for r in per_edit)
     result = {

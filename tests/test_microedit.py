@@ -196,7 +196,7 @@ def test_a_replay_that_does_not_fit_falls_back_once_to_the_full_forward(tokenize
     hparams = hparams_for("llama", sae_dir, ln_f_module="model.layers.0.mlp")
     model = tiny_model("llama", len(tokenizer))
     state = prepare_state(model, tokenizer, hparams, progress=False)
-    with pytest.warns(UserWarning, match="fast_path: replayed blocks differ") as caught:
+    with pytest.warns(UserWarning, match="fast_path: replay of the blocks above the SAE differs") as caught:
         apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
         apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams)
     assert sum("fast_path" in str(w.message) for w in caught) == 1  # later edits skip the replay

@@ -462,6 +462,19 @@ class SuffixReplay:
         return head_logits(self.model, self.norm(self.run(hidden)[rows, cols]))
 
 
+class ReplayMismatch(RuntimeError):
+    """A replay of recorded blocks did not reproduce the full model's logits (unsupported architecture)."""
+
+
+def check_replay(replayed: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """``replayed`` logits must be the full forward's ``expected`` up to the rounding of ``dtype``."""
+    scale = float(expected.abs().max()) + 1.0
+    error = float((replayed.detach() - expected).abs().max())
+    tolerance = (1e-3 if dtype in (torch.float32, torch.float64) else 3e-2) * scale
+    if not error <= tolerance:
+        raise ReplayMismatch(f"{what} differs from the full model by {error:.3g} (> {tolerance:.3g})")
+
+
 def recorded_input(call: Tuple[tuple, dict]) -> torch.Tensor:
     """The hidden states a recorded block call received."""
     args, kwargs = call

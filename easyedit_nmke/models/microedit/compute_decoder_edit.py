@@ -22,17 +22,16 @@ if it does not (an architecture it does not fit), the full forward runs instead.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
-
-import warnings
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...util import nethook
-from ...util.model_parts import SuffixReplay, head_logits, logits_at, num_layers
+from ...util.model_parts import SuffixReplay, check_replay, head_logits, logits_at, num_layers
 from ...util.requests import EditRequest, encode, encode_target
 from .activations import ordinary_positions
 from .microedit_hparams import MicroEditHyperParams
@@ -49,7 +48,7 @@ class DecoderEdit:
     stage1_steps: int
     stage2_steps: int
     prob_history: List[float]
-    replayed: bool  # stage 2 ran on the blocks above the SAE only
+    replay_failed: bool  # the replay was wanted but failed its check (stage 2 ran the whole model)
 
 
 def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
@@ -77,6 +76,7 @@ class EditInput:
     acts: torch.Tensor  # [1, seq, d_sae] latent activations ĥ
     latents: torch.Tensor  # [n_active] latents active on an ordinary position
     replay: Optional[SuffixReplay] = None  # the blocks above the hook (fast path), or None
+    replay_failed: bool = False  # the replay was wanted but failed its check
 
 
 def edit_input(
@@ -120,11 +120,8 @@ def edit_input(
         acts=acts,
         latents=latents,
         replay=replay,
+        replay_failed=wanted and replay is None,
     )
-
-
-class ReplayMismatch(RuntimeError):
-    """Replaying the blocks above the hook did not reproduce the model's logits."""
 
 
 def upper_blocks(
@@ -145,12 +142,7 @@ def upper_blocks(
         with torch.no_grad():
             expected = head_logits(model, replay.last_hidden[rows, cols]).float()
             replayed = replay.logits(replay.hidden, rows, cols).float()
-        error = float((replayed - expected).abs().max())
-        tolerance = (1e-3 if replay.hidden.dtype in (torch.float32, torch.float64) else 3e-2) * (
-            float(expected.abs().max()) + 1.0
-        )
-        if not error <= tolerance:
-            raise ReplayMismatch(f"replayed blocks differ from the full model by {error:.3g} (> {tolerance:.3g})")
+        check_replay(replayed, expected, replay.hidden.dtype, "replay of the blocks above the SAE")
     except Exception as exc:  # an architecture the replay does not fit
         warnings.warn(f"fast_path: {exc}; MicroEdit runs the full model in every stage-2 step")
         return None
@@ -260,5 +252,5 @@ def _train_rows(
         stage1_steps=stage1,
         stage2_steps=stage2,
         prob_history=history,
-        replayed=replay is not None,
+        replay_failed=inputs.replay_failed,
     )

@@ -84,7 +84,8 @@ def execute_microedit(
     for request in requests:
         start = time.perf_counter()
         edit = compute_decoder_edit(model, tok, request, hparams, state.switch, use_replay=state.replay_fits)
-        state.replay_fits = state.replay_fits and (edit.replayed or not (hparams.fast_path and hparams.ln_f_module))
+        if edit.replay_failed:
+            state.replay_fits = False
         state.remember_originals(edit.latents)
         with torch.no_grad():
             state.sae.W_dec[edit.latents] = edit.rows.to(state.sae.W_dec.dtype)

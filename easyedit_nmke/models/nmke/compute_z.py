@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ...util import nethook
 from ...util.model_parts import (
     SuffixReplay,
+    check_replay,
     forward_with_states,
     head_logits,
     logits_at,
@@ -84,10 +85,6 @@ def build_rewrite_batch(
         n_rewrite=len(context_templates),
         prompt_last=torch.tensor(prompt_last),
     )
-
-
-class ReplayMismatch(RuntimeError):
-    """The truncated forward did not reproduce the model's logits (unsupported architecture)."""
 
 
 def compute_z(
@@ -185,11 +182,7 @@ class _FastForward:
 
     def check(self, logits: torch.Tensor) -> None:
         """The step-1 logits (zero delta) must be the full forward's up to rounding."""
-        scale = float(self.full_logits.abs().max()) + 1.0
-        error = float((logits.detach() - self.full_logits).abs().max())
-        tolerance = (1e-3 if self.replay.hidden.dtype in (torch.float32, torch.float64) else 3e-2) * scale
-        if not error <= tolerance:
-            raise ReplayMismatch(f"truncated forward differs from the full model by {error:.3g} (> {tolerance:.3g})")
+        check_replay(logits, self.full_logits, self.replay.hidden.dtype, "truncated forward")
 
 
 def _optimise(
