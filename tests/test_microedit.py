@@ -21,6 +21,7 @@ from easyedit_nmke.models.microedit import (  # noqa: E402
 from easyedit_nmke.models.microedit.calibration import calibrate_threshold  # noqa: E402
 from easyedit_nmke.models.microedit.sae_hook import reconstruction_distance, sae_reconstruction  # noqa: E402
 from easyedit_nmke.models.microedit.compute_decoder_edit import edit_input  # noqa: E402
+from easyedit_nmke.models.microedit.sae_io import SAEError  # noqa: E402
 from easyedit_nmke.util.requests import RequestError, normalise_request  # noqa: E402
 
 LAYER = 2
@@ -162,7 +163,7 @@ def test_edit_trains_only_the_active_decoder_rows_and_teaches_the_target(tokeniz
 
 
 def _one_edit(arch, tokenizer, sae_dir, **overrides):
-    """Rows after one edit of REQUESTS[0], whether stage 2 replayed, and the edit's info."""
+    """Decoder after one edit of REQUESTS[0], the edit's inputs (``.replay``: recorded or not) and the state."""
     model = tiny_model(arch, len(tokenizer))
     hparams = hparams_for(arch, sae_dir, **overrides)
     state = prepare_state(model, tokenizer, hparams, progress=False)
@@ -202,15 +203,16 @@ def test_a_replay_that_does_not_fit_falls_back_once_to_the_full_forward(tokenize
     assert sum("fast_path" in str(w.message) for w in caught) == 1  # later edits skip the replay
     assert state.replay_fits is False
     reference = tiny_model("llama", len(tokenizer))
-    reference_state = prepare_state(reference, tokenizer, hparams_for("llama", sae_dir, fast_path=False), progress=False)
-    apply_microedit_to_model(reference, tokenizer, [REQUESTS[0], REQUESTS[1]], hparams_for("llama", sae_dir, fast_path=False))
+    full_hparams = hparams_for("llama", sae_dir, fast_path=False)
+    reference_state = prepare_state(reference, tokenizer, full_hparams, progress=False)
+    apply_microedit_to_model(reference, tokenizer, [REQUESTS[0], REQUESTS[1]], full_hparams)
     assert torch.equal(state.sae.W_dec, reference_state.sae.W_dec)
 
 
 def test_a_final_norm_the_model_lacks_is_refused_before_anything_changes(tokenizer, sae_dir):
     model = tiny_model("llama", len(tokenizer))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.raises(Exception, match="ln_f_module 'model.final_norm'"):
+    with pytest.raises(SAEError, match="ln_f_module 'model.final_norm'"):
         prepare_state(model, tokenizer, hparams_for("llama", sae_dir, ln_f_module="model.final_norm"), progress=False)
     assert get_state(model) is None
     after = dict(model.named_parameters())
