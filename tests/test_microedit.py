@@ -20,8 +20,10 @@ from easyedit_nmke.models.microedit import (  # noqa: E402
 )
 from easyedit_nmke.models.microedit.calibration import calibrate_threshold  # noqa: E402
 from easyedit_nmke.models.microedit.sae_hook import reconstruction_distance, sae_reconstruction  # noqa: E402
-from easyedit_nmke.models.microedit.compute_decoder_edit import edit_input  # noqa: E402
+from easyedit_nmke.models.microedit.compute_decoder_edit import RehearsedEdit, edit_input  # noqa: E402
+from easyedit_nmke.models.microedit.rehearsal import EditMemory, select_rehearsal  # noqa: E402
 from easyedit_nmke.models.microedit.sae_io import SAEError  # noqa: E402
+from easyedit_nmke.util.hparams import HParamsError  # noqa: E402
 from easyedit_nmke.util.requests import RequestError, normalise_request  # noqa: E402
 
 LAYER = 2
@@ -403,3 +405,90 @@ def test_constant_norm_rescale_sae_edits_through_the_same_linear_decoder(tokeniz
     state = get_state(model)
     assert state.sae.cfg.normalize_activations == "constant_norm_rescale"
     assert state.last_edit_info["ard_after"] < state.last_edit_info["ard_before"]
+
+
+# --- rehearsal of earlier edits (rehearsal_edits, the plugin's extension) -------------------
+
+
+def test_rehearsal_picks_the_earlier_edits_sharing_most_rows_most_recent_first():
+    request = normalise_request(REQUESTS[0])
+    memory = [EditMemory(request, torch.tensor(rows)) for rows in ([1, 2, 3], [7, 8], [2, 3, 9], [3, 4, 5])]
+    current = torch.tensor([2, 3, 4])
+    assert select_rehearsal(memory, current, 2) == [memory[3], memory[2]]  # 2 shared each: newest first
+    assert select_rehearsal(memory, current, 10) == [memory[3], memory[2], memory[0]]  # memory[1] shares none
+    assert select_rehearsal(memory, current, 0) == []
+    with pytest.raises(HParamsError, match="rehearsal_edits must be >= 0"):
+        hparams_for("llama", Path("unused"), rehearsal_edits=-1)
+
+
+def test_a_rehearsed_edits_reconstruction_is_the_saes_own_with_the_trained_rows_in_place(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer)).eval()
+    hparams = hparams_for("llama", sae_dir)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    current = edit_input(model, tokenizer, normalise_request(REQUESTS[0]), hparams, state.switch)
+    earlier = edit_input(model, tokenizer, normalise_request(REQUESTS[1]), hparams, state.switch)
+    rehearsed = RehearsedEdit.build(earlier, current.latents, state.sae)
+    new_rows = torch.randn(current.latents.numel(), state.sae.W_dec.shape[1])
+    got = rehearsed.reconstruction(new_rows, state.sae.b_dec.detach())
+    with torch.no_grad():
+        state.sae.W_dec[current.latents] = new_rows
+    expected = sae_reconstruction(state.sae, earlier.hidden)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rehearsal_keeps_earlier_edits_and_still_trains_only_the_current_rows(tokenizer, sae_dir):
+    """Two edits, then a third with and without rehearsing them: rehearsal leaves them more likely."""
+
+    def target_logprob(model, request):
+        from easyedit_nmke.evaluate.metrics import target_perplexity
+
+        return -torch.tensor(target_perplexity(model, tokenizer, [(request["prompt"], " " + request["target_new"])])).log()
+
+    earlier_logprob = {}
+    for count in (0, 2):
+        model = tiny_model("llama", len(tokenizer))
+        apply_microedit_to_model(model, tokenizer, REQUESTS[:2], hparams_for("llama", sae_dir, stop_prob=1.0))
+        state = get_state(model)
+        before = state.sae.W_dec.detach().clone()
+        hparams = hparams_for("llama", sae_dir, stop_prob=1.0, rehearsal_edits=count)
+        apply_microedit_to_model(model, tokenizer, REQUESTS[2:], hparams)
+        assert state.last_edit_info["rehearsed"] == count
+        changed = (state.sae.W_dec != before).any(-1).nonzero().squeeze(1)
+        assert changed.numel() > 0
+        assert torch.isin(changed, state.edit_log[-1].latents).all()  # only the third edit's rows moved
+        earlier_logprob[count] = sum(target_logprob(model, r) for r in REQUESTS[:2])
+    assert earlier_logprob[2] > earlier_logprob[0] + 0.5
+
+
+def test_edit_log_is_saved_loaded_and_reset_with_the_state(tokenizer, sae_dir, tmp_path):
+    hparams = hparams_for("llama", sae_dir, stage2_steps=2)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, REQUESTS[:2], hparams)
+    state = get_state(model)
+    assert [e.request for e in state.edit_log] == [normalise_request(r) for r in REQUESTS[:2]]
+    state.save(tmp_path / "state")
+    fresh = tiny_model("llama", len(tokenizer))
+    fresh_state = prepare_state(fresh, tokenizer, hparams, progress=False)
+    fresh_state.load(tmp_path / "state")
+    assert [e.request for e in fresh_state.edit_log] == [e.request for e in state.edit_log]
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(fresh_state.edit_log, state.edit_log))
+    fresh_state.reset()
+    assert fresh_state.edit_log == [] and fresh_state.num_edits == 0
+
+
+def test_an_edit_the_editor_wrote_back_leaves_the_log(tokenizer, sae_dir):
+    """EasyEdit's non-sequential mode restores the decoder after each call: that edit is gone from the log."""
+    from easyedit_nmke.util import nethook
+
+    hparams = hparams_for("llama", sae_dir, stage2_steps=3)
+    model = tiny_model("llama", len(tokenizer))
+    _, weights_copy = apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams, return_orig_weights=True,
+                                               keep_original_weight=True)
+    with torch.no_grad():
+        nethook.get_parameter(model, "microedit_sae.W_dec")[...] = weights_copy["microedit_sae.W_dec"]
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams)
+    state = get_state(model)
+    assert [e.request for e in state.edit_log] == [normalise_request(REQUESTS[1])]
+    assert state.num_edits == 1
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[2]], hparams)  # kept: the second edit stays
+    assert len(state.edit_log) == 2 and state.num_edits == 2

@@ -19,12 +19,16 @@ final norm) one plain forward records the arguments of the blocks above the hook
 each step replays only those blocks, the final norm and the unembedding at the target
 positions.  The replay must reproduce the model's own logits on the unedited input;
 if it does not (an architecture it does not fit), the full forward runs instead.
+
+With ``rehearsal_edits`` > 0 (not in the paper; see ``rehearsal.py``) stage 2 also
+minimises ARD + L_edit of the earlier edits sharing the most rows with this one, each
+on its own input with the rows being trained in place; only this edit's rows change.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ from ...util.model_parts import SuffixReplay, check_replay, head_logits, logits_
 from ...util.requests import EditRequest, encode, encode_target
 from .activations import ordinary_positions
 from .microedit_hparams import MicroEditHyperParams
+from .rehearsal import EditMemory, select_rehearsal
 from .sae_hook import SAESwitch, decoder_output_scale, reconstruction_distance
 
 
@@ -49,6 +54,8 @@ class DecoderEdit:
     stage2_steps: int
     prob_history: List[float]
     replay_failed: bool  # the replay was wanted but failed its check (stage 2 ran the whole model)
+    rehearsed: int = 0  # earlier edits rehearsed in stage 2 (``rehearsal_edits``)
+    rehearsed_prob: float = float("nan")  # their mean target-token probability at the last step
 
 
 def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
@@ -156,7 +163,9 @@ def compute_decoder_edit(
     hparams: MicroEditHyperParams,
     switch: SAESwitch,
     use_replay: bool = True,
+    memory: Sequence[EditMemory] = (),
 ) -> DecoderEdit:
+    """New rows for the latents active on ``request``'s input; ``memory``: earlier edits, for rehearsal."""
     requires_grad = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     # Eval mode before the first forward: dropout would make the recorded block inputs
@@ -165,7 +174,7 @@ def compute_decoder_edit(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        return _train_rows(model, tok, request, hparams, switch, use_replay)
+        return _train_rows(model, tok, request, hparams, switch, use_replay, memory)
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
@@ -179,17 +188,14 @@ def _train_rows(
     hparams: MicroEditHyperParams,
     switch: SAESwitch,
     use_replay: bool,
+    memory: Sequence[EditMemory],
 ) -> DecoderEdit:
     sae = switch.sae
     inputs = edit_input(model, tok, request, hparams, switch, use_replay)
-    layer_name = inputs.layer_name
-    input_ids, rows, cols, targets = inputs.input_ids, inputs.rows, inputs.cols, inputs.targets
     hidden, ordinary, acts, latents = inputs.hidden, inputs.ordinary, inputs.acts, inputs.latents
-    replay = inputs.replay
     active_acts = acts[..., latents]
     new_rows = sae.W_dec.detach()[latents].clone().requires_grad_(True)
     b_dec = sae.b_dec.detach()
-
     output_scale = decoder_output_scale(sae, hidden)
 
     def reconstruction() -> torch.Tensor:
@@ -199,50 +205,57 @@ def _train_rows(
     def ard() -> torch.Tensor:
         return reconstruction_distance(hidden, reconstruction(), ordinary, hparams.ard_alpha)[0]
 
-    replace = ordinary.unsqueeze(-1)
-    state = {"recon": None}
-
-    def use_reconstruction(block_hidden: torch.Tensor) -> torch.Tensor:
-        return torch.where(replace, state["recon"].to(block_hidden.dtype), block_hidden)
+    chosen = select_rehearsal(memory, latents, hparams.rehearsal_edits)
+    rehearsed = [
+        RehearsedEdit.build(edit_input(model, tok, entry.request, hparams, switch, use_replay), latents, sae)
+        for entry in chosen
+    ]
 
     optimizer = torch.optim.Adam([new_rows], lr=hparams.edit_lr)
     ard_before = float(ard().detach())
     history: List[float] = []
     stage1 = stage2 = 0
     target_prob = 0.0
+    rehearsed_prob = float("nan")
     # With the default margin 1.0 the stages run their full step counts (the paper's procedure).
     ard_goal = hparams.ard_margin * switch.threshold if hparams.ard_margin < 1.0 else None
-    try:
-        for stage1 in range(1, hparams.stage1_steps + 1):
-            optimizer.zero_grad()
-            loss = ard()
-            if ard_goal is not None and float(loss.detach()) <= ard_goal:
-                stage1 -= 1
-                break
-            loss.backward()
-            optimizer.step()
-        attention_mask = torch.ones_like(input_ids)
-        for stage2 in range(1, hparams.stage2_steps + 1):
-            optimizer.zero_grad()
-            state["recon"] = reconstruction()
-            if replay is not None:
-                block_hidden = use_reconstruction(replay.hidden)
-                logits = replay.logits(block_hidden, rows, cols).float()
-            else:
-                with switch.mode_set("off"), nethook.edit_output(model, layer_name, use_reconstruction):
-                    logits = logits_at(model, input_ids, attention_mask, rows, cols).float()
-            token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
-            target_prob = float(token_logp.detach().exp().mean())
-            history.append(target_prob)
-            distance = reconstruction_distance(hidden, state["recon"], ordinary, hparams.ard_alpha)[0]
-            inside = ard_goal is None or float(distance.detach()) <= ard_goal
-            if target_prob >= hparams.stop_prob and inside:
-                break
-            loss = distance - token_logp.mean()
-            loss.backward()
-            optimizer.step()
-    finally:
-        state["recon"] = None
+
+    def inside(distance: torch.Tensor) -> bool:
+        return ard_goal is None or float(distance.detach()) <= ard_goal
+
+    for stage1 in range(1, hparams.stage1_steps + 1):
+        optimizer.zero_grad()
+        loss = ard()
+        if ard_goal is not None and float(loss.detach()) <= ard_goal:
+            stage1 -= 1
+            break
+        loss.backward()
+        optimizer.step()
+    for stage2 in range(1, hparams.stage2_steps + 1):
+        optimizer.zero_grad()
+        recon = reconstruction()
+        token_logp = target_logprobs(model, inputs, recon, switch)
+        target_prob = float(token_logp.detach().exp().mean())
+        history.append(target_prob)
+        distance = reconstruction_distance(hidden, recon, ordinary, hparams.ard_alpha)[0]
+        loss = distance - token_logp.mean()
+        done = target_prob >= hparams.stop_prob and inside(distance)
+        probs = []
+        for edit in rehearsed:
+            edit_recon = edit.reconstruction(new_rows, b_dec)
+            edit_logp = target_logprobs(model, edit.inputs, edit_recon, switch)
+            edit_distance = reconstruction_distance(
+                edit.inputs.hidden, edit_recon, edit.inputs.ordinary, hparams.ard_alpha
+            )[0]
+            probs.append(float(edit_logp.detach().exp().mean()))
+            done = done and probs[-1] >= hparams.stop_prob and inside(edit_distance)
+            loss = loss + edit_distance - edit_logp.mean()
+        if probs:
+            rehearsed_prob = sum(probs) / len(probs)
+        if done:
+            break
+        loss.backward()
+        optimizer.step()
     return DecoderEdit(
         latents=latents,
         rows=new_rows.detach(),
@@ -253,4 +266,47 @@ def _train_rows(
         stage2_steps=stage2,
         prob_history=history,
         replay_failed=inputs.replay_failed,
+        rehearsed=len(rehearsed),
+        rehearsed_prob=rehearsed_prob,
     )
+
+
+def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
+    """log P(target token) at each target position with ``recon`` in place of the block output on ordinary positions."""
+    replace = inputs.ordinary.unsqueeze(-1)
+
+    def use_reconstruction(block_hidden: torch.Tensor) -> torch.Tensor:
+        return torch.where(replace, recon.to(block_hidden.dtype), block_hidden)
+
+    if inputs.replay is not None:
+        logits = inputs.replay.logits(use_reconstruction(inputs.replay.hidden), inputs.rows, inputs.cols).float()
+    else:
+        attention_mask = torch.ones_like(inputs.input_ids)
+        with switch.mode_set("off"), nethook.edit_output(model, inputs.layer_name, use_reconstruction):
+            logits = logits_at(model, inputs.input_ids, attention_mask, inputs.rows, inputs.cols).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, inputs.targets.view(-1, 1)).squeeze(1)
+
+
+@dataclass
+class RehearsedEdit:
+    """An earlier edit's input, with its reconstruction split into the part this edit trains and the rest."""
+
+    inputs: EditInput
+    trained_acts: torch.Tensor  # [1, seq, n_trained] its activations of the latents being trained
+    fixed: torch.Tensor  # [1, seq, d_in] what every other latent's row contributes (no b_dec)
+    output_scale: Optional[torch.Tensor]
+
+    @classmethod
+    def build(cls, inputs: EditInput, trained: torch.Tensor, sae: nn.Module) -> "RehearsedEdit":
+        others = inputs.acts.clone()
+        others[..., trained] = 0
+        return cls(
+            inputs=inputs,
+            trained_acts=inputs.acts[..., trained],
+            fixed=others @ sae.W_dec.detach(),
+            output_scale=decoder_output_scale(sae, inputs.hidden),
+        )
+
+    def reconstruction(self, trained_rows: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+        out = self.fixed + self.trained_acts @ trained_rows + b_dec
+        return out if self.output_scale is None else out * self.output_scale

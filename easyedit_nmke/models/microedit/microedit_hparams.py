@@ -74,6 +74,11 @@ class MicroEditHyperParams(PluginHyperParams):
     # that ends just under tau drifts above it when later edits move shared decoder rows
     # and is then no longer routed.  1.0 leaves the step counts alone.
     ard_margin: float = 1.0
+    # Not in the paper (0 = the paper's procedure): stage 2 also keeps this many earlier
+    # edits, those sharing the most decoder rows with this one, routed and predicting
+    # their targets while this edit's rows are trained (see rehearsal.py).  Each costs
+    # one more replay of the blocks above the SAE per stage-2 step.
+    rehearsal_edits: int = 0
     ard_alpha: float = 600.0
     # tau: route through the SAE when ARD <= tau.  None: calibrate on ordinary text.
     ard_threshold: Optional[float] = None
@@ -136,5 +141,7 @@ class MicroEditHyperParams(PluginHyperParams):
             raise HParamsError(f"massive_norm_factor must be > 1, got {self.massive_norm_factor}")
         if not 0 < self.ard_margin <= 1:
             raise HParamsError(f"ard_margin must be in (0, 1], got {self.ard_margin}")
+        if self.rehearsal_edits < 0:
+            raise HParamsError(f"rehearsal_edits must be >= 0, got {self.rehearsal_edits}")
         if not 0 < self.stop_prob <= 1:
             raise HParamsError(f"stop_prob must be in (0, 1], got {self.stop_prob}")

@@ -1,28 +1,42 @@
-"""Lifelong MicroEdit state of one edited model: the hooked SAE, τ, edited rows, counters.
+"""Lifelong MicroEdit state of one edited model: the hooked SAE, τ, edited rows, the edit log, counters.
 
 The SAE is a submodule of the edited model (``model.microedit_sae``): its decoder is
 part of the edited model, so it follows ``model.to()`` and EasyEdit's weight restore
 (``weights_copy`` names ``microedit_sae.W_dec``) works unchanged.  The state object is
 a plain attribute (``model.microedit_state``) holding the switch hook, τ, the
-original value of every decoder row an edit changed (for ``reset``) and counters;
-``save``/``load`` persist the edited rows as safetensors + JSON.
+original value of every decoder row an edit changed (for ``reset``), the log of the
+edits in effect (request + trained latents, for ``rehearsal_edits``) and counters;
+``save``/``load`` persist the edited rows and the log as safetensors + JSON.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ...util.requests import EditRequest
+from .rehearsal import EditMemory
 from .sae_hook import SAESwitch
 
 STATE_ATTRIBUTE = "microedit_state"
 SAE_ATTRIBUTE = "microedit_sae"
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no edit log
+
+
+@dataclass
+class CallRecord:
+    """What one ``apply_microedit_to_model`` call changed, to notice an editor writing it back."""
+
+    log_length: int  # edit log length before the call
+    num_edits: int  # edit count before the call
+    latents: torch.Tensor  # rows the call changed
+    rows_before: torch.Tensor  # their values before the call
 
 
 @dataclass
@@ -38,6 +52,8 @@ class MicroEditState:
     # False once the stage-2 replay failed its check on this model (see compute_decoder_edit):
     # later edits go straight to whole-model steps instead of retrying and warning each time.
     replay_fits: bool = True
+    edit_log: List[EditMemory] = field(default_factory=list)  # the edits in effect, in order
+    last_call: Optional[CallRecord] = field(default=None, repr=False)
 
     @property
     def sae(self) -> nn.Module:
@@ -52,6 +68,34 @@ class MicroEditState:
             if index not in self.original_rows:
                 self.original_rows[index] = self.sae.W_dec.detach()[index].clone()
 
+    def log_edit(self, request: EditRequest, latents: torch.Tensor) -> None:
+        self.edit_log.append(EditMemory(request, latents.detach().cpu().to(torch.long)))
+
+    def record_call(self, log_length: int, num_edits: int, rows_before: Dict[int, torch.Tensor]) -> None:
+        """Remember the rows a call changed (``rows_before``: their values before it) for ``forget_if_restored``."""
+        decoder = self.sae.W_dec.detach()
+        changed = sorted(i for i, row in rows_before.items() if not torch.equal(decoder[i], row))
+        latents = torch.tensor(changed, dtype=torch.long)
+        rows = torch.stack([rows_before[i] for i in changed]) if changed else decoder[:0].clone()
+        self.last_call = CallRecord(log_length, num_edits, latents, rows)
+
+    def forget_if_restored(self) -> bool:
+        """Drop the last call's edits from the log when the decoder rows are back to their values before it.
+
+        EasyEdit's non-sequential mode writes the original weights back after each call;
+        the log must then not keep edits that are no longer in the model (rehearsal would
+        teach them again).
+        """
+        record, self.last_call = self.last_call, None
+        if record is None or record.latents.numel() == 0:
+            return False
+        current = self.sae.W_dec.detach()[record.latents.to(self.sae.W_dec.device)]
+        if not torch.equal(current, record.rows_before.to(current.device, current.dtype)):
+            return False
+        del self.edit_log[record.log_length :]
+        self.num_edits = record.num_edits
+        return True
+
     def edited_latents(self) -> torch.Tensor:
         return torch.tensor(sorted(self.original_rows), dtype=torch.long)
 
@@ -63,6 +107,8 @@ class MicroEditState:
             with torch.no_grad():
                 self.sae.W_dec[index] = originals.to(self.sae.W_dec.dtype)
         self.original_rows.clear()
+        self.edit_log.clear()
+        self.last_call = None
         self.num_edits = 0
         self.timings = {}
         self.last_edit_info = {}
@@ -75,6 +121,9 @@ class MicroEditState:
         if index.numel():
             tensors["edited_rows"] = self.sae.W_dec.detach()[index.to(self.sae.W_dec.device)].cpu().contiguous()
             tensors["original_rows"] = torch.stack([self.original_rows[i] for i in index.tolist()]).cpu().contiguous()
+        if self.edit_log:
+            tensors["log_latents"] = torch.cat([entry.latents for entry in self.edit_log]).contiguous()
+            tensors["log_counts"] = torch.tensor([entry.latents.numel() for entry in self.edit_log], dtype=torch.long)
         save_file(tensors, str(directory / "microedit_state.safetensors"))
         meta = {
             "version": STATE_VERSION,
@@ -83,6 +132,10 @@ class MicroEditState:
             "threshold": self.threshold,
             "num_edits": self.num_edits,
             "timings": self.timings,
+            "edit_log": [
+                {"prompt": e.request.prompt, "subject": e.request.subject, "target": e.request.target}
+                for e in self.edit_log
+            ],
         }
         (directory / "microedit_state.json").write_text(json.dumps(meta, indent=2))
 
@@ -93,8 +146,10 @@ class MicroEditState:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise FileNotFoundError(f"no MicroEdit state in {directory}")
         meta = json.loads(meta_path.read_text())
-        if meta.get("version") != STATE_VERSION:
-            raise ValueError(f"MicroEdit state version {meta.get('version')} is not supported (need {STATE_VERSION})")
+        if meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"MicroEdit state version {meta.get('version')} is not supported (readable: {READABLE_VERSIONS})"
+            )
         if meta["layer"] != self.layer or meta["sae_source"] != self.sae_source:
             raise ValueError(
                 f"MicroEdit state in {directory} was saved for layer {meta['layer']} with SAE {meta['sae_source']!r}, "
@@ -109,6 +164,10 @@ class MicroEditState:
                 self.original_rows[i] = row.to(device, dtype)
             with torch.no_grad():
                 self.sae.W_dec[index.to(device)] = tensors["edited_rows"].to(device, dtype)
+        logged = meta.get("edit_log", [])
+        if logged:
+            latents = tensors["log_latents"].split(tensors["log_counts"].tolist())
+            self.edit_log = [EditMemory(EditRequest(**entry), index) for entry, index in zip(logged, latents)]
         self.switch.threshold = float(meta["threshold"])
         self.num_edits = int(meta["num_edits"])
         self.timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
