@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -233,20 +233,15 @@ def _train_rows(
         optimizer.step()
     for stage2 in range(1, hparams.stage2_steps + 1):
         optimizer.zero_grad()
-        recon = reconstruction()
-        token_logp = target_logprobs(model, inputs, recon, switch)
+        token_logp, distance = stage2_terms(model, inputs, reconstruction(), switch, hparams.ard_alpha)
         target_prob = float(token_logp.detach().exp().mean())
         history.append(target_prob)
-        distance = reconstruction_distance(hidden, recon, ordinary, hparams.ard_alpha)[0]
         loss = distance - token_logp.mean()
         done = target_prob >= hparams.stop_prob and inside(distance)
         probs = []
         for edit in rehearsed:
             edit_recon = edit.reconstruction(new_rows, b_dec)
-            edit_logp = target_logprobs(model, edit.inputs, edit_recon, switch)
-            edit_distance = reconstruction_distance(
-                edit.inputs.hidden, edit_recon, edit.inputs.ordinary, hparams.ard_alpha
-            )[0]
+            edit_logp, edit_distance = stage2_terms(model, edit.inputs, edit_recon, switch, hparams.ard_alpha)
             probs.append(float(edit_logp.detach().exp().mean()))
             done = done and probs[-1] >= hparams.stop_prob and inside(edit_distance)
             loss = loss + edit_distance - edit_logp.mean()
@@ -269,6 +264,14 @@ def _train_rows(
         rehearsed=len(rehearsed),
         rehearsed_prob=rehearsed_prob,
     )
+
+
+def stage2_terms(
+    model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch, alpha: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log P(target token) per target position, ARD) of ``inputs`` with ``recon`` in place of its block output."""
+    distance = reconstruction_distance(inputs.hidden, recon, inputs.ordinary, alpha)[0]
+    return target_logprobs(model, inputs, recon, switch), distance
 
 
 def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch) -> torch.Tensor:

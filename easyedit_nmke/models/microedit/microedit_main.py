@@ -84,33 +84,33 @@ def execute_microedit(
     state.forget_if_restored()
     log_length, num_edits = len(state.edit_log), state.num_edits
     rows_before: Dict[int, torch.Tensor] = {}
-    for request in requests:
-        start = time.perf_counter()
-        edit = compute_decoder_edit(
-            model, tok, request, hparams, state.switch, use_replay=state.replay_fits, memory=state.edit_log
-        )
-        if edit.replay_failed:
-            state.replay_fits = False
-        state.remember_originals(edit.latents)
-        for index in edit.latents.tolist():
-            if index not in rows_before:
-                rows_before[index] = state.sae.W_dec.detach()[index].clone()
-        with torch.no_grad():
-            state.sae.W_dec[edit.latents] = edit.rows.to(state.sae.W_dec.dtype)
-        state.log_edit(request, edit.latents)
-        state.num_edits += 1
+    try:
+        for request in requests:
+            start = time.perf_counter()
+            edit = compute_decoder_edit(
+                model, tok, request, hparams, state.switch, use_replay=state.replay_fits, memory=state.edit_log
+            )
+            if edit.replay_failed:
+                state.replay_fits = False
+            state.remember_originals(edit.latents)
+            state.keep_first_rows(rows_before, edit.latents)
+            with torch.no_grad():
+                state.sae.W_dec[edit.latents] = edit.rows.to(state.sae.W_dec.dtype)
+            state.log_edit(request, edit.latents)
+            state.num_edits += 1
+            state.add_time("train", time.perf_counter() - start)
+            state.last_edit_info.update(
+                latents=int(edit.latents.numel()),
+                ard_before=edit.ard_before,
+                ard_after=edit.ard_after,
+                routed=edit.ard_after <= state.threshold,
+                target_prob=edit.target_prob,
+                steps=[edit.stage1_steps, edit.stage2_steps],
+                rehearsed=edit.rehearsed,
+                rehearsed_prob=edit.rehearsed_prob,
+            )
+    finally:  # also after a failed request: the edits before it are in the model
         state.record_call(log_length, num_edits, rows_before)
-        state.add_time("train", time.perf_counter() - start)
-        state.last_edit_info.update(
-            latents=int(edit.latents.numel()),
-            ard_before=edit.ard_before,
-            ard_after=edit.ard_after,
-            routed=edit.ard_after <= state.threshold,
-            target_prob=edit.target_prob,
-            steps=[edit.stage1_steps, edit.stage2_steps],
-            rehearsed=edit.rehearsed,
-            rehearsed_prob=edit.rehearsed_prob,
-        )
 
 
 def apply_microedit_to_model(

@@ -63,10 +63,14 @@ class MicroEditState:
     def threshold(self) -> float:
         return self.switch.threshold
 
-    def remember_originals(self, latents: torch.Tensor) -> None:
+    def keep_first_rows(self, store: Dict[int, torch.Tensor], latents: torch.Tensor) -> None:
+        """Copy into ``store`` the current decoder row of each latent it does not hold yet."""
         for index in latents.tolist():
-            if index not in self.original_rows:
-                self.original_rows[index] = self.sae.W_dec.detach()[index].clone()
+            if index not in store:
+                store[index] = self.sae.W_dec.detach()[index].clone()
+
+    def remember_originals(self, latents: torch.Tensor) -> None:
+        self.keep_first_rows(self.original_rows, latents)
 
     def log_edit(self, request: EditRequest, latents: torch.Tensor) -> None:
         self.edit_log.append(EditMemory(request, latents.detach().cpu().to(torch.long)))
