@@ -20,7 +20,12 @@ from easyedit_nmke.models.microedit import (  # noqa: E402
 )
 from easyedit_nmke.models.microedit.calibration import calibrate_threshold  # noqa: E402
 from easyedit_nmke.models.microedit.sae_hook import reconstruction_distance, sae_reconstruction  # noqa: E402
-from easyedit_nmke.models.microedit.compute_decoder_edit import RehearsedEdit, edit_input  # noqa: E402
+from easyedit_nmke.models.microedit.compute_decoder_edit import (  # noqa: E402
+    RehearsedEdit,
+    ReplayBatch,
+    edit_input,
+    target_logprobs,
+)
 from easyedit_nmke.models.microedit.rehearsal import EditMemory, select_rehearsal  # noqa: E402
 from easyedit_nmke.models.microedit.sae_io import SAEError  # noqa: E402
 from easyedit_nmke.util.hparams import HParamsError  # noqa: E402
@@ -458,6 +463,28 @@ def test_rehearsal_keeps_earlier_edits_and_still_trains_only_the_current_rows(to
         assert torch.isin(changed, state.edit_log[-1].latents).all()  # only the third edit's rows moved
         earlier_logprob[count] = sum(target_logprob(model, r) for r in REQUESTS[:2])
     assert earlier_logprob[2] > earlier_logprob[0] + 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_one_batched_replay_gives_each_inputs_own_target_logprobs(arch, tokenizer, sae_dir):
+    """Inputs of different lengths, right-padded into one replay: each row's log-probs are its full forward's."""
+    model = tiny_model(arch, len(tokenizer)).eval()
+    hparams = hparams_for(arch, sae_dir)
+    state = prepare_state(model, tokenizer, hparams, progress=False)
+    inputs = [
+        edit_input(model, tokenizer, normalise_request(request), hparams, state.switch, use_replay=False)
+        for request in REQUESTS[:3]
+    ]
+    assert len({each.input_ids.shape[1] for each in inputs}) > 1  # the batch really is padded
+    batch = ReplayBatch.build(model, hparams, inputs, state.switch)
+    assert batch is not None
+    torch.manual_seed(0)
+    recons = [each.hidden + 0.5 * torch.randn_like(each.hidden) for each in inputs]
+    batched = batch.target_logprobs(recons)
+    for each, recon, got in zip(inputs, recons, batched):
+        expected = target_logprobs(model, each, recon, state.switch)  # no replay: the whole model
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, target_logprobs(model, each, each.hidden, state.switch))  # recon is used
 
 
 def test_edit_log_is_saved_loaded_and_reset_with_the_state(tokenizer, sae_dir, tmp_path):

@@ -23,12 +23,14 @@ if it does not (an architecture it does not fit), the full forward runs instead.
 With ``rehearsal_edits`` > 0 (not in the paper; see ``rehearsal.py``) stage 2 also
 minimises ARD + L_edit of the earlier edits sharing the most rows with this one, each
 on its own input with the rows being trained in place; only this edit's rows change.
+The current and the rehearsed inputs are then stacked (right-padded) into one batch, so
+a step replays the blocks above the hook once for all of them instead of once each.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,14 +139,21 @@ def upper_blocks(
     input_ids: torch.Tensor,
     cols: torch.Tensor,
     switch: SAESwitch,
+    attention_mask: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> Optional[SuffixReplay]:
-    """The blocks above the hooked one, ready to replay on ``input_ids``; None if the replay does not fit the model."""
+    """The blocks above the hooked one, ready to replay on ``input_ids``; None if the replay does not fit the model.
+
+    ``input_ids`` is one sequence, or a right-padded batch with its ``attention_mask``;
+    ``(rows, cols)`` are the positions the replay must reproduce (``rows`` default 0).
+    """
     block_names = [hparams.layer_module_tmp.format(i) for i in range(num_layers(model))]
-    rows = torch.zeros_like(cols)
+    rows = torch.zeros_like(cols) if rows is None else rows
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     try:
         with switch.mode_set("off"):
             replay = SuffixReplay.whole(
-                model, input_ids, torch.ones_like(input_ids), block_names, hparams.layer + 1, hparams.ln_f_module
+                model, input_ids, attention_mask, block_names, hparams.layer + 1, hparams.ln_f_module
             )
         with torch.no_grad():
             expected = head_logits(model, replay.last_hidden[rows, cols]).float()
@@ -207,9 +216,16 @@ def _train_rows(
 
     chosen = select_rehearsal(memory, latents, hparams.rehearsal_edits)
     rehearsed = [
-        RehearsedEdit.build(edit_input(model, tok, entry.request, hparams, switch, use_replay), latents, sae)
+        RehearsedEdit.build(edit_input(model, tok, entry.request, hparams, switch, use_replay=False), latents, sae)
         for entry in chosen
     ]
+    # One replay for the current and the rehearsed inputs together; without it (no
+    # replay wanted, or it does not fit the model) each input runs the full model.
+    batch = (
+        ReplayBatch.build(model, hparams, [inputs] + [edit.inputs for edit in rehearsed], switch)
+        if rehearsed and inputs.replay is not None
+        else None
+    )
 
     optimizer = torch.optim.Adam([new_rows], lr=hparams.edit_lr)
     ard_before = float(ard().detach())
@@ -231,23 +247,27 @@ def _train_rows(
             break
         loss.backward()
         optimizer.step()
+    all_inputs = [inputs] + [edit.inputs for edit in rehearsed]
     for stage2 in range(1, hparams.stage2_steps + 1):
         optimizer.zero_grad()
-        token_logp, distance = stage2_terms(model, inputs, reconstruction(), switch, hparams.ard_alpha)
-        target_prob = float(token_logp.detach().exp().mean())
+        recons = [reconstruction()] + [edit.reconstruction(new_rows, b_dec) for edit in rehearsed]
+        if batch is not None:
+            logps = batch.target_logprobs(recons)
+        else:
+            logps = [target_logprobs(model, each, recon, switch) for each, recon in zip(all_inputs, recons)]
+        distances = [
+            reconstruction_distance(each.hidden, recon, each.ordinary, hparams.ard_alpha)[0]
+            for each, recon in zip(all_inputs, recons)
+        ]
+        probs = [float(logp.detach().exp().mean()) for logp in logps]
+        target_prob = probs[0]
         history.append(target_prob)
-        loss = distance - token_logp.mean()
-        done = target_prob >= hparams.stop_prob and inside(distance)
-        probs = []
-        for edit in rehearsed:
-            edit_recon = edit.reconstruction(new_rows, b_dec)
-            edit_logp, edit_distance = stage2_terms(model, edit.inputs, edit_recon, switch, hparams.ard_alpha)
-            probs.append(float(edit_logp.detach().exp().mean()))
-            done = done and probs[-1] >= hparams.stop_prob and inside(edit_distance)
-            loss = loss + edit_distance - edit_logp.mean()
-        if probs:
-            rehearsed_prob = sum(probs) / len(probs)
-        if done:
+        if rehearsed:
+            rehearsed_prob = sum(probs[1:]) / len(rehearsed)
+        loss = distances[0] - logps[0].mean()
+        for logp, distance in zip(logps[1:], distances[1:]):
+            loss = loss + distance - logp.mean()
+        if all(prob >= hparams.stop_prob and inside(distance) for prob, distance in zip(probs, distances)):
             break
         loss.backward()
         optimizer.step()
@@ -266,14 +286,6 @@ def _train_rows(
     )
 
 
-def stage2_terms(
-    model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch, alpha: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log P(target token) per target position, ARD) of ``inputs`` with ``recon`` in place of its block output."""
-    distance = reconstruction_distance(inputs.hidden, recon, inputs.ordinary, alpha)[0]
-    return target_logprobs(model, inputs, recon, switch), distance
-
-
 def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
     """log P(target token) at each target position with ``recon`` in place of the block output on ordinary positions."""
     replace = inputs.ordinary.unsqueeze(-1)
@@ -287,7 +299,66 @@ def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, sw
         attention_mask = torch.ones_like(inputs.input_ids)
         with switch.mode_set("off"), nethook.edit_output(model, inputs.layer_name, use_reconstruction):
             logits = logits_at(model, inputs.input_ids, attention_mask, inputs.rows, inputs.cols).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, inputs.targets.view(-1, 1)).squeeze(1)
+    return token_logprobs(logits, inputs.targets)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[j, targets[j]] for each row j."""
+    return torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+@dataclass
+class ReplayBatch:
+    """Several edit inputs right-padded into one batch, with one replay of the blocks above the hook.
+
+    With right padding and causal attention a real position never attends to a pad, so
+    each row's target logits are its own input's, up to float rounding.
+    """
+
+    inputs: List[EditInput]
+    replay: SuffixReplay  # on the padded batch
+    rows: torch.Tensor  # [n_targets] batch row of every target position, input after input
+    cols: torch.Tensor  # [n_targets] its position
+    targets: torch.Tensor  # [n_targets] target token ids
+    counts: List[int]  # target positions per input
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, hparams: MicroEditHyperParams, inputs: Sequence[EditInput], switch: SAESwitch
+    ) -> Optional["ReplayBatch"]:
+        """None when the replay does not fit the model (``upper_blocks`` warns)."""
+        width = max(each.input_ids.shape[1] for each in inputs)
+        device = inputs[0].input_ids.device
+        input_ids = torch.zeros(len(inputs), width, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, each in enumerate(inputs):
+            length = each.input_ids.shape[1]
+            input_ids[row, :length] = each.input_ids[0]
+            attention_mask[row, :length] = 1
+        rows = torch.cat([torch.full_like(each.cols, row) for row, each in enumerate(inputs)])
+        cols = torch.cat([each.cols for each in inputs])
+        replay = upper_blocks(model, hparams, input_ids, cols, switch, attention_mask, rows)
+        if replay is None:
+            return None
+        return cls(
+            inputs=list(inputs),
+            replay=replay,
+            rows=rows,
+            cols=cols,
+            targets=torch.cat([each.targets for each in inputs]),
+            counts=[int(each.cols.numel()) for each in inputs],
+        )
+
+    def target_logprobs(self, recons: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """``target_logprobs`` of every input, ``recons[i]`` in place of input i's block output."""
+        base = self.replay.hidden
+        rows = []
+        for row, (each, recon) in enumerate(zip(self.inputs, recons)):
+            length = each.input_ids.shape[1]
+            own = torch.where(each.ordinary[0].unsqueeze(-1), recon[0].to(base.dtype), base[row, :length])
+            rows.append(torch.cat([own, base[row, length:]]))
+        logits = self.replay.logits(torch.stack(rows), self.rows, self.cols).float()
+        return list(token_logprobs(logits, self.targets).split(self.counts))
 
 
 @dataclass
