@@ -76,8 +76,8 @@ class MicroEditHyperParams(PluginHyperParams):
     ard_margin: float = 1.0
     # Not in the paper (0 = the paper's procedure): stage 2 also keeps this many earlier
     # edits, those sharing the most decoder rows with this one, routed and predicting
-    # their targets while this edit's rows are trained (see rehearsal.py).  Each costs
-    # one more replay of the blocks above the SAE per stage-2 step.
+    # their targets while this edit's rows are trained (see rehearsal.py).  Each adds
+    # one row to the batch the blocks above the SAE replay per stage-2 step.
     rehearsal_edits: int = 0
     ard_alpha: float = 600.0
     # tau: route through the SAE when ARD <= tau.  None: calibrate on ordinary text.
