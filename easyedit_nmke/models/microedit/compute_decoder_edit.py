@@ -221,11 +221,8 @@ def _train_rows(
     ]
     # One replay for the current and the rehearsed inputs together; without it (no
     # replay wanted, or it does not fit the model) each input runs the full model.
-    batch = (
-        ReplayBatch.build(model, hparams, [inputs] + [edit.inputs for edit in rehearsed], switch)
-        if rehearsed and inputs.replay is not None
-        else None
-    )
+    all_inputs = [inputs] + [edit.inputs for edit in rehearsed]
+    batch = ReplayBatch.build(model, hparams, all_inputs, switch) if rehearsed and inputs.replay is not None else None
 
     optimizer = torch.optim.Adam([new_rows], lr=hparams.edit_lr)
     ard_before = float(ard().detach())
@@ -247,7 +244,6 @@ def _train_rows(
             break
         loss.backward()
         optimizer.step()
-    all_inputs = [inputs] + [edit.inputs for edit in rehearsed]
     for stage2 in range(1, hparams.stage2_steps + 1):
         optimizer.zero_grad()
         recons = [reconstruction()] + [edit.reconstruction(new_rows, b_dec) for edit in rehearsed]
@@ -288,10 +284,8 @@ def _train_rows(
 
 def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
     """log P(target token) at each target position with ``recon`` in place of the block output on ordinary positions."""
-    replace = inputs.ordinary.unsqueeze(-1)
-
     def use_reconstruction(block_hidden: torch.Tensor) -> torch.Tensor:
-        return torch.where(replace, recon.to(block_hidden.dtype), block_hidden)
+        return with_reconstruction(block_hidden, recon, inputs.ordinary)
 
     if inputs.replay is not None:
         logits = inputs.replay.logits(use_reconstruction(inputs.replay.hidden), inputs.rows, inputs.cols).float()
@@ -300,6 +294,11 @@ def target_logprobs(model: nn.Module, inputs: EditInput, recon: torch.Tensor, sw
         with switch.mode_set("off"), nethook.edit_output(model, inputs.layer_name, use_reconstruction):
             logits = logits_at(model, inputs.input_ids, attention_mask, inputs.rows, inputs.cols).float()
     return token_logprobs(logits, inputs.targets)
+
+
+def with_reconstruction(block_hidden: torch.Tensor, recon: torch.Tensor, ordinary: torch.Tensor) -> torch.Tensor:
+    """``block_hidden`` with ``recon`` on the ``ordinary`` positions (attention sinks pass unchanged)."""
+    return torch.where(ordinary.unsqueeze(-1), recon.to(block_hidden.dtype), block_hidden)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -355,7 +354,7 @@ class ReplayBatch:
         rows = []
         for row, (each, recon) in enumerate(zip(self.inputs, recons)):
             length = each.input_ids.shape[1]
-            own = torch.where(each.ordinary[0].unsqueeze(-1), recon[0].to(base.dtype), base[row, :length])
+            own = with_reconstruction(base[row, :length], recon[0], each.ordinary[0])
             rows.append(torch.cat([own, base[row, length:]]))
         logits = self.replay.logits(torch.stack(rows), self.rows, self.cols).float()
         return list(token_logprobs(logits, self.targets).split(self.counts))
