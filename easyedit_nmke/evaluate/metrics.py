@@ -26,7 +26,7 @@ def _batches(items: Sequence, size: int):
         yield items[start : start + size]
 
 
-def _answer_logits(
+def answer_logits(
     model: nn.Module, tok: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per pair: (logits at the answer positions [n_ans, vocab], answer ids [n_ans])."""
@@ -56,14 +56,14 @@ def _answer_logits(
 def token_accuracy(
     model: nn.Module, tok: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 16
 ) -> List[float]:
-    return [float((logits.argmax(-1) == answer).float().mean()) for logits, answer in _answer_logits(model, tok, pairs, batch_size)]
+    return [float((logits.argmax(-1) == answer).float().mean()) for logits, answer in answer_logits(model, tok, pairs, batch_size)]
 
 
 def answer_predictions(
     model: nn.Module, tok: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 16
 ) -> List[torch.Tensor]:
     """Argmax token at each answer position (for locality against the unedited model)."""
-    return [logits.argmax(-1) for logits, _ in _answer_logits(model, tok, pairs, batch_size)]
+    return [logits.argmax(-1) for logits, _ in answer_logits(model, tok, pairs, batch_size)]
 
 
 def locality_agreement(
@@ -81,7 +81,7 @@ def target_perplexity(
     model: nn.Module, tok: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 8
 ) -> List[float]:
     result = []
-    for logits, answer in _answer_logits(model, tok, pairs, batch_size):
+    for logits, answer in answer_logits(model, tok, pairs, batch_size):
         nll = torch.nn.functional.cross_entropy(logits, answer)
         result.append(float(math.exp(min(float(nll), 50.0))))
     return result
