@@ -1,6 +1,7 @@
-"""What the diagnostic scripts in this folder share: the command they record and how they write results."""
+"""What the diagnostic scripts in this folder share: common arguments, the command they record and how they write results."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -16,6 +17,13 @@ def zsre_dev_file(data: Optional[Path]) -> Path:
     if not os.environ.get("EASYEDIT_NMKE_DATA_DIR"):
         raise SystemExit("set EASYEDIT_NMKE_DATA_DIR (ZsRE dev file and corpora) or pass --data")
     return Path(os.environ["EASYEDIT_NMKE_DATA_DIR"]) / "zsre_mend_eval_portability_gpt4.dev.json"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--threads`` and ``--out``: what the scripts that load one model share."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
 
 
 def command_line() -> str:

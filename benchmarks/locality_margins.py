@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
+from benchmark_io import add_model_arguments, command_line, emit  # noqa: E402  (this folder, after the path set-up)
 
 DEFAULT_BINS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -74,9 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dataset", default="zsre", help="a benchmark dataset name or a file")
     p.add_argument("--checkpoint", type=Path, action="append", required=True, help="a run's checkpoint folder (repeatable)")
     p.add_argument("--bins", default=",".join(str(b) for b in DEFAULT_BINS), help="margin bin edges in nats")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
+    add_model_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     edges = sorted(float(x) for x in args.bins.split(","))

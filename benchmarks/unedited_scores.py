@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmark_io import command_line, emit  # noqa: E402  (this folder, after the path set-up)
+from benchmark_io import add_model_arguments, command_line, emit  # noqa: E402  (this folder, after the path set-up)
 
 
 def main(argv=None) -> dict:
@@ -30,9 +30,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="hallucination", help="a benchmark dataset name or a file")
     p.add_argument("--eval-at", default="10,50,100")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
+    add_model_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoints = sorted(int(x) for x in args.eval_at.split(","))
