@@ -12,7 +12,8 @@ covers methods whose edit is the checkpoint's weights (NMKE, FT, ROME, MEMIT, Al
 not MicroEdit, whose edit is an SAE hook this script does not rebuild.
 
     EASYEDIT_NMKE_DATA_DIR=../shared/data python benchmarks/locality_margins.py --dataset zsre \\
-        --checkpoint runs/tune6/hybrid/checkpoint --checkpoint runs/tune6/target/checkpoint \\
+        --checkpoint runs/tune6/hybrid/checkpoint --checkpoint runs/tune6/none/checkpoint \\
+        --checkpoint runs/tune6/target/checkpoint \\
         --checkpoint runs/tune5/b05/checkpoint --checkpoint runs/proto/memit_ckpt \\
         --out benchmarks/results/locality_margins.json
 
