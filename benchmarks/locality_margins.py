@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     from easyedit_nmke.evaluate import metrics
     from easyedit_nmke.evaluate.bench import default_data_dir, resolve_dataset
     from easyedit_nmke.evaluate.records import load_records
-    from easyedit_nmke.evaluate.runner import evaluation_groups
+    from easyedit_nmke.evaluate.runner import evaluation_groups, locality_indices
     from easyedit_nmke.util import nethook
     from easyedit_nmke.util.model_loader import load_model_and_tokenizer
 
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     model, tok = load_model_and_tokenizer(args.model)
     loc_pairs = evaluation_groups(records)["loc"]
     # Which record each locality pair belongs to, so a run sees only its first `done` records.
-    owners = [i for i, r in enumerate(records) if r.locality_prompt and r.locality_answer]
+    owners = locality_indices(records)
     unedited = metrics.answer_logits(model, tok, loc_pairs, batch_size=16)
     reference = [logits.argmax(-1) for logits, _ in unedited]
     margin_per_pair = [top2_margin(logits) for logits, _ in unedited]
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
                 "mask_mode": result.get("hparams", {}).get("mask_mode"),
                 "edits": info["done"],
                 # The runner's Loc: the mean over locality pairs of each pair's agreement.
-                "loc": float(torch.stack([k.float().mean() for k in kept_per_pair]).mean()),
+                "loc": metrics.mean([float(k.float().mean()) for k in kept_per_pair]),
                 "token_loc": float(kept.float().mean()),
                 "tokens": int(kept.numel()),
                 "bins": bin_table(margin, kept, edges),
