@@ -8,10 +8,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Type, Union
 
 if TYPE_CHECKING:  # importing torch here would slow down `import easyedit_nmke`
     from torch import nn
+
+    from .util.hparams import PluginHyperParams
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,11 @@ class MethodSpec:
         if (self.report_function is None) != (self.report_key is None):
             raise ValueError(f"{self.alg_name}: report_function and report_key are set together or not at all")
 
-    def load(self):
+    def load(self) -> ModuleType:
         return importlib.import_module(self.module)
 
     @property
-    def hparams_cls(self):
+    def hparams_cls(self) -> "Type[PluginHyperParams]":
         return getattr(self.load(), self.hparams_class)
 
     @property
@@ -100,21 +103,13 @@ def method_spec(alg_name: str) -> MethodSpec:
         raise ValueError(f"unknown alg_name {alg_name!r}; this plugin provides {sorted(METHODS)}") from None
 
 
-def load_hparams(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None):
+def load_hparams(path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None) -> "PluginHyperParams":
     """Read ``alg_name`` from a YAML and build that method's hparams, with overrides applied."""
-    import yaml
+    from .util.hparams import HParamsError, read_hparams_yaml
 
-    from .util.hparams import HParamsError
-
-    try:
-        with open(path, "r") as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
-    except OSError as exc:
-        raise HParamsError(f"hparams file not found: {path}") from exc
-    if not isinstance(raw, dict) or "alg_name" not in raw:
+    path, raw = read_hparams_yaml(path)
+    if "alg_name" not in raw:
         raise HParamsError(f"{path}: needs an alg_name key")
     spec = method_spec(raw["alg_name"])
-    hparams = spec.hparams_cls.from_hparams(path)
+    hparams = spec.hparams_cls.from_dict(raw, source=str(path))
     return hparams.replace(**overrides) if overrides else hparams

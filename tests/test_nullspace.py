@@ -115,3 +115,19 @@ def test_unreachable_corpus_falls_back_to_model_text(tokenizer, corpus_file, tmp
     assert description == "model-generated:4"
     texts = load()
     assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
+
+
+@pytest.mark.parametrize(
+    "env, reachable, datasets_reachable",
+    [({}, True, True), ({"HF_HUB_OFFLINE": "1"}, False, False), ({"HF_HUB_OFFLINE": "0"}, True, True),
+     ({"HF_HUB_OFFLINE": "true"}, False, False), ({"HF_DATASETS_OFFLINE": "1"}, True, False)],
+)
+def test_hub_reachable_reads_offline_flags_like_huggingface_hub(monkeypatch, env, reachable, datasets_reachable):
+    from easyedit_nmke.util.hub import hub_reachable
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert hub_reachable() is reachable
+    assert hub_reachable(datasets=True) is datasets_reachable

@@ -15,15 +15,18 @@ files, hub name or generated), which callers put into their cache keys.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from .hub import hub_reachable
 
 MODEL_GENERATED = "model-generated"
 _SEED_PROMPTS = ["The", "In", "A", "It", "When", "This", "He", "She", "There", "One", "After", "According to"]
@@ -76,38 +79,46 @@ def _hub_texts(name: str, limit: int) -> Optional[List[str]]:
     return texts
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for a block and give the caller's random state back afterwards.
+
+    Forks the CPU generator and, on a CUDA model, that device's: ``manual_seed`` reseeds both.
+    """
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate_corpus(
     model: nn.Module, tok: PreTrainedTokenizerBase, n_texts: int, length: int, seed: int = 0
 ) -> List[str]:
     """Texts sampled from the model itself (seeded), for machines with no corpus at hand."""
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     texts: List[str] = []
     padding_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        batch = 16
-        for start in tqdm(range(0, n_texts, batch), desc="generating corpus", leave=False):
-            prompts = [_SEED_PROMPTS[(start + i) % len(_SEED_PROMPTS)] for i in range(min(batch, n_texts - start))]
-            enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=True,
-                    top_k=50,
-                    max_new_tokens=length,
-                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                )
-            texts.extend(tok.batch_decode(out, skip_special_tokens=True))
+        with seeded_rng(seed, device):
+            batch = 16
+            for start in tqdm(range(0, n_texts, batch), desc="generating corpus", leave=False):
+                prompts = [
+                    _SEED_PROMPTS[(start + i) % len(_SEED_PROMPTS)] for i in range(min(batch, n_texts - start))
+                ]
+                enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+                with torch.no_grad():
+                    out = model.generate(
+                        **enc,
+                        do_sample=True,
+                        top_k=50,
+                        max_new_tokens=length,
+                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                    )
+                texts.extend(tok.batch_decode(out, skip_special_tokens=True))
     finally:
         tok.padding_side = padding_side
-        torch.random.set_rng_state(generator_state)
     return texts
-
-
-def _hub_reachable() -> bool:
-    return not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"))
 
 
 def resolve_corpus(
@@ -130,7 +141,7 @@ def resolve_corpus(
             return "files:" + ",".join(str(f.resolve()) for f in files), lambda: [
                 f.read_text(encoding="utf-8") for f in files
             ]
-        texts = _hub_texts(name, n_samples) if _hub_reachable() else None
+        texts = _hub_texts(name, n_samples) if hub_reachable(datasets=True) else None
         if texts is not None:
             return f"hub:{name}", lambda: texts
         warnings.warn(

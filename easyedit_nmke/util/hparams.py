@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
-from typing import Any, Dict, Type, TypeVar, Union
+from typing import Any, Dict, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -45,6 +46,78 @@ class HParamsError(ValueError):
     """An hparams file that cannot be used, with the reason."""
 
 
+def read_hparams_yaml(hparams_name_or_path: Union[str, Path]) -> Tuple[Path, Dict[str, Any]]:
+    """``(path, mapping)`` of an hparams YAML; ``.yaml`` is appended when the name has no YAML suffix.
+
+    Appended, not substituted: ``hparams/NMKE/qwen2.5-7b`` names ``qwen2.5-7b.yaml``.
+    """
+    path = Path(hparams_name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(f"{path}.yaml")
+    if not path.is_file():
+        raise HParamsError(f"hparams file not found: {path}")
+    try:
+        with open(path, "r") as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise HParamsError(f"{path}: expected a mapping of hparams, got {type(config).__name__}")
+    return path, config
+
+
+def _checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """``value`` as the field's annotated type, or a clear error naming the key.
+
+    YAML 1.1 (PyYAML) reads ``5e-5`` (no decimal point) as a string; such strings are
+    accepted for float fields, as EasyEdit's YAMLs rely on them being numbers.
+    """
+
+    def fail() -> HParamsError:
+        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        return HParamsError(f"{source}: {key} must be {shown}, got {value!r} ({type(value).__name__})")
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked_value(value, option, key, source)
+            except HParamsError:
+                continue
+        raise fail()
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        (item_type,) = args or (Any,)
+        return [_checked_value(item, item_type, key, source) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    return value
+
+
 @dataclasses.dataclass
 class PluginHyperParams(HyperParamsBase):  # type: ignore[misc,valid-type]
     """Base for NMKE/MicroEdit hparams: YAML loading with strict key checking."""
@@ -72,24 +145,15 @@ class PluginHyperParams(HyperParamsBase):  # type: ignore[misc,valid-type]
         )
         if missing:
             raise HParamsError(f"{source}: missing required key(s) {missing} for {cls.__name__}")
+        types = typing.get_type_hints(cls)
+        config = {key: _checked_value(value, types[key], key, source) for key, value in config.items()}
         hparams = cls(**config)
         hparams.validate()
         return hparams
 
     @classmethod
     def from_hparams(cls: Type[T], hparams_name_or_path: Union[str, Path]) -> T:
-        path = Path(hparams_name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_suffix(".yaml")
-        if not path.is_file():
-            raise HParamsError(f"hparams file not found: {path}")
-        try:
-            with open(path, "r") as f:
-                config = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
-        if not isinstance(config, dict):
-            raise HParamsError(f"{path}: expected a mapping of hparams, got {type(config).__name__}")
+        path, config = read_hparams_yaml(hparams_name_or_path)
         return cls.from_dict(config, source=str(path))
 
     def validate(self) -> None:

@@ -26,7 +26,6 @@ Only safetensors and JSON are ever read: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ...util.hub import hub_reachable
 from ...util.model_parts import ArchitectureError, num_layers
 from ...util.nethook import get_module
 
@@ -299,10 +299,6 @@ def load_sae_folder(
         raise SAEError(f"{folder}: SAE-Lens cannot build this SAE (unknown {exc})") from exc
 
 
-def _hub_reachable() -> bool:
-    return not os.environ.get("HF_HUB_OFFLINE")
-
-
 def load_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A SAE-Lens pretrained SAE (downloads; safetensors-only releases)."""
     from sae_lens import SAE
@@ -354,7 +350,7 @@ def load_sae(
             raise SAEError(f"sae_path {path} is a file; it must be a folder")
         sae = load_sae_folder(path, hparams.sae_format, device=device, dtype=dtype)
     elif hparams.sae_release and hparams.sae_id:
-        if not _hub_reachable():
+        if not hub_reachable():
             where = f"no SAE at {path} and " if path is not None else ""
             raise SAEError(
                 f"{where}HF_HUB_OFFLINE is set, so {hparams.sae_release}/{hparams.sae_id} cannot be downloaded; "

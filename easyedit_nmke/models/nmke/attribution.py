@@ -78,7 +78,7 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 # Candidate tokens per prompt used as the exp2 reference (besides the target).
 _N_REFERENCE_TOKENS = 4
-_BACKENDS = ("auto", "torch", "triton", "materialised", "loop")
+ATTRIBUTION_BACKENDS = ("auto", "torch", "triton", "materialised", "loop")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields has no single truth value
@@ -560,8 +560,8 @@ def neuron_attribution_scores(
         [P, d_ff] float32 scores on ``unembed``'s device.  Inputs may be
         bf16/fp16; all arithmetic is fp32.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in ATTRIBUTION_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTRIBUTION_BACKENDS}, got {backend!r}")
     if hidden.dim() != 2 or activations.dim() != 2 or down_weight.dim() != 2 or unembed.dim() != 2:
         raise ValueError("hidden, activations, down_weight and unembed must be 2-D")
     n_prompts, d = hidden.shape

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 from ...util.hparams import HParamsError, PluginHyperParams
+from .attribution import ATTRIBUTION_BACKENDS
 
 MOM2_DTYPES = ("float32", "float64")
 MASK_APPLICATIONS = ("restricted_solve", "zero_update")
@@ -27,18 +28,22 @@ class NMKEHyperParams(PluginHyperParams):
     rewrite_module_tmp: str  # FFN down projection, e.g. "model.layers.{}.mlp.down_proj"
     layer_module_tmp: str  # decoder block, e.g. "model.layers.{}"
     mlp_module_tmp: str
-    attn_module_tmp: str
     ln_f_module: str
-    lm_head_module: str
     alg_name: str = "NMKE"
     device: Union[int, str] = "cpu"
-    layer_selection: str = "all"
+    # Accepted so AlphaEdit YAMLs load unchanged; NMKE reads the unembedding through
+    # ``model.get_output_embeddings()`` (tied or not) and never needs the attention.
+    attn_module_tmp: Optional[str] = None
+    lm_head_module: Optional[str] = None
+    layer_selection: str = "all"  # AlphaEdit's only value: every layer in ``layers``
     fact_token: str = "subject_last"
 
     # --- target vector (ROME/MEMIT/AlphaEdit compute_z) -----------------------
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
-    v_loss_layer: int = -1  # -1: the last layer (logits); kept for AlphaEdit YAML compatibility
+    # The loss is always on the model's logits, as in AlphaEdit's compute_z, whose
+    # v_loss_layer only names a traced block; -1 or the last block index.
+    v_loss_layer: int = -1
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
@@ -98,6 +103,12 @@ class NMKEHyperParams(PluginHyperParams):
             raise HParamsError(
                 f"attribution_token must be one of {ATTRIBUTION_TOKENS}, got {self.attribution_token!r}"
             )
+        if self.attribution_backend not in ATTRIBUTION_BACKENDS:
+            raise HParamsError(
+                f"attribution_backend must be one of {ATTRIBUTION_BACKENDS}, got {self.attribution_backend!r}"
+            )
+        if self.layer_selection != "all":
+            raise HParamsError(f"layer_selection {self.layer_selection!r} is not supported (only 'all')")
         if self.fact_token != "subject_last":
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported (only 'subject_last')")
         for name in ("general_ratio", "specific_ratio"):
