@@ -43,9 +43,9 @@ def tokenizer():
     return tok
 
 
-def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, vocab_size: int, seed: int = 0, intermediate_size: int = 96) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=0.1)
     if arch == "llama":
@@ -62,7 +62,7 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         ))
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=96, n_layer=4, n_head=4,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=intermediate_size, n_layer=4, n_head=4,
                                            n_positions=256, initializer_range=0.1))
     else:
         raise ValueError(arch)

@@ -179,8 +179,12 @@ def test_readout_cache_update_matches_recompute(llama, tokenizer, corpus_file, t
         module = nethook.get_module(llama, hp.rewrite_module_tmp.format(layer))
         fresh = readout_product(unembed.detach(), down_weight(module).detach().float(), _readout_norm(llama, hp))
         cached = state.readout[layer]
-        assert cached.weight_version == module.weight._version
+        assert cached.matches(module.weight)
         torch.testing.assert_close(cached.matrix, fresh, rtol=1e-4, atol=1e-4)
+        # A weight replaced rather than written in place (``.data = ...``) keeps its
+        # version count; the cache must still see that it is stale.
+        module.weight.data = module.weight.data.clone()
+        assert not cached.matches(module.weight)
 
 
 def test_restore_with_returned_weights_is_exact(llama, tokenizer, corpus_file, tmp_path):
@@ -316,6 +320,83 @@ def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
     assert state.num_edits == 0
 
 
+def test_failure_while_committing_statistics_restores_weights_and_cache(
+    llama, tokenizer, corpus_file, tmp_path, monkeypatch
+):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    state = get_state(llama)
+    caches = {layer: c.clone() for layer, c in state.key_cache.items()}
+    before = _weights(llama)
+    add = NMKEState.add_edit_keys
+
+    def fail_on_last_layer(self, layer, keys):
+        if layer == hp.layers[-1]:
+            raise RuntimeError("out of memory")
+        add(self, layer, keys)
+
+    monkeypatch.setattr(NMKEState, "add_edit_keys", fail_on_last_layer)
+    with pytest.raises(EditError, match="out of memory"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[1:2], hp)
+    _assert_bitwise_equal(llama, before)
+    assert state.num_edits == 1
+    for layer, cache in caches.items():  # the first layer's keys were taken back out
+        torch.testing.assert_close(state.key_cache[layer], cache, atol=1e-5 * float(cache.abs().max()), rtol=0)
+
+
+def test_rollback_needs_an_edit_that_changed_the_weights(tmp_path):
+    from easyedit_nmke.models.nmke.state import UndoRecord
+
+    basis = torch.linalg.qr(torch.randn(6, 4))[0]
+    state = NMKEState(layers=[0], null_bases={0: basis}, key_cache={0: torch.zeros(6, 6)})
+    weight = torch.randn(3, 6)
+    keys = torch.randn(6, 1)
+    for changed, expect_rollback in ((False, False), (True, True)):
+        state.key_cache[0].zero_()
+        state.num_edits = 0
+        state.key_cache_in_basis(0)  # the basis-coordinates copy must follow C both ways
+        state.add_edit_keys(0, keys)
+        state.num_edits = 1
+        state.last_edit = UndoRecord({0: weight.clone()}, {0: keys}, 0, {}, weights_changed=changed)
+        # The weights equal the pre-edit ones either way: an exactly zero update, or a restore.
+        assert state.rollback_if_restored({0: weight}) is expect_rollback
+        assert state.num_edits == (0 if expect_rollback else 1)
+        expected = torch.zeros(6, 6) if expect_rollback else keys @ keys.T
+        torch.testing.assert_close(state.key_cache[0], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(state.key_cache_in_basis(0), basis.T @ expected @ basis, atol=1e-6, rtol=0)
+
+
+def test_state_follows_changed_null_space_settings(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    state = get_state(llama)
+    cache = {layer: c.clone() for layer, c in state.key_cache.items()}
+    dims = {layer: b.shape[1] for layer, b in state.null_bases.items()}
+    state.save(tmp_path / "state")
+    assert NMKEState.load(tmp_path / "state").null_space_settings["nullspace_threshold"] == 2e-2
+    looser = hp.replace(nullspace_threshold=0.5)
+    with pytest.warns(UserWarning, match="nullspace_threshold=0.02.*nullspace_threshold=0.5"):
+        prepare_state(llama, tokenizer, looser)
+    for layer in hp.layers:
+        assert state.null_bases[layer].shape[1] > dims[layer]  # rebuilt with the new threshold
+        assert torch.equal(state.key_cache[layer], cache[layer])  # earlier edits' keys are kept
+    # A state from a model with another FFN width is refused before anything changes.
+    other = tiny_model("llama", len(tokenizer), intermediate_size=80)
+    attach_state(other, NMKEState.load(tmp_path / "state"))
+    before = _weights(other)
+    with pytest.raises(EditError, match="96 neurons.*has 80"):
+        apply_nmke_to_model(other, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(other, before)
+
+
+def test_v_loss_layer_other_than_the_last_is_rejected(llama, tokenizer, corpus_file, tmp_path):
+    before = _weights(llama)
+    with pytest.raises(ArchitectureError, match="v_loss_layer 2.*-1 or 3"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path, v_loss_layer=2))
+    _assert_bitwise_equal(llama, before)
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path, v_loss_layer=3))
+
+
 def test_state_for_other_layers_is_rejected(llama, tokenizer, corpus_file, tmp_path):
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path))
     with pytest.raises(EditError, match="layers"):
@@ -334,6 +415,7 @@ def test_hparams_file_checks(tmp_path):
         "alg.yaml": (text.replace("alg_name: NMKE", "alg_name: ROME"), "alg_name"),
         "broken.yaml": (text + "\nlayers: [1, 2\n", "malformed YAML"),
         "mode.yaml": (text.replace("mask_mode: hybrid", "mask_mode: sparse"), "mask_mode"),
+        "backend.yaml": (text + "\nattribution_backend: cuda\n", "attribution_backend must be one of"),
         "missing.yaml": ("\n".join(l for l in text.splitlines() if not l.startswith("layers:")), "missing"),
     }
     for name, (content, message) in cases.items():
@@ -343,6 +425,36 @@ def test_hparams_file_checks(tmp_path):
             NMKEHyperParams.from_hparams(path)
     with pytest.raises(HParamsError, match="not found"):
         NMKEHyperParams.from_hparams(tmp_path / "nope.yaml")
+
+
+def test_hparams_values_are_typed(tmp_path):
+    from easyedit_nmke.methods import load_hparams
+    from easyedit_nmke.models.nmke import NMKEHyperParams
+    from conftest import REPO
+
+    text = (REPO / "hparams/NMKE/smollm2-135m.yaml").read_text()
+    # PyYAML reads 5e-2 (no decimal point) as a string; float fields take it as the number.
+    path = tmp_path / "exponent.yaml"
+    path.write_text(text + "\nnullspace_threshold: 5e-2\n")
+    assert NMKEHyperParams.from_hparams(path).nullspace_threshold == 0.05
+    wrong = {
+        "layers_scalar.yaml": ("layers: 5", "layers must be"),
+        "layers_strings.yaml": ('layers: ["4", "5"]', "layers must be"),
+        "steps_float.yaml": ("v_num_grad_steps: 2.5", "v_num_grad_steps must be int"),
+        "lr_word.yaml": ("v_lr: fast", "v_lr must be float"),
+        "flag_int.yaml": ("fast_path: 1", "fast_path must be bool"),
+        "mode_number.yaml": ("mask_mode: 3", "mask_mode must be str"),
+    }
+    for name, (line, message) in wrong.items():
+        key = line.split(":")[0]
+        content = "\n".join(l for l in text.splitlines() if not l.startswith(key + ":")) + "\n" + line + "\n"
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(HParamsError, match=message):
+            NMKEHyperParams.from_hparams(path)
+    # A name without suffix gets ".yaml" appended, also when it contains a dot.
+    assert load_hparams(REPO / "hparams/NMKE/qwen2.5-7b").model_name.startswith("Qwen")
+    assert NMKEHyperParams.from_hparams(REPO / "hparams/NMKE/qwen2.5-7b").alg_name == "NMKE"
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "none"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ...compat import weights_copy_for_easyeditor
 from ...util import nethook
+from ...util.corpus import seeded_rng
 from ...util.model_parts import (
+    ArchitectureError,
     check_module_templates,
     down_weight,
     down_weight_param_shape_update,
@@ -36,6 +39,7 @@ from ...util.model_parts import (
     linearised_ffn_activations,
     linearised_ffn_writes,
     norm_parameters,
+    num_layers,
     post_ffn_norm,
     unembedding,
 )
@@ -58,7 +62,7 @@ from .nullspace import (
     occupied_directions,
     solve_in_null_space,
 )
-from .state import NMKEState, ReadoutCache, attach_state, get_state, state_layers_match
+from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -73,35 +77,48 @@ def generate_context_templates(
     """"{}" plus short model-written prefixes (AlphaEdit's context templates), seeded for reproducibility."""
     templates = ["{}"]
     device = next(model.parameters()).device
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     padding_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for length, count in length_params:
-            if count == 0:
-                continue
-            seeds = [_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)] for i in range(count)]
-            enc = tok(seeds, return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=True,
-                    top_k=5,
-                    max_new_tokens=length,
-                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                )
-            for text in tok.batch_decode(out, skip_special_tokens=True):
-                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-                templates.append(text + ". {}")
+        with seeded_rng(seed, device):
+            for length, count in length_params:
+                if count == 0:
+                    continue
+                seeds = [_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)] for i in range(count)]
+                enc = tok(seeds, return_tensors="pt", padding=True).to(device)
+                with torch.no_grad():
+                    out = model.generate(
+                        **enc,
+                        do_sample=True,
+                        top_k=5,
+                        max_new_tokens=length,
+                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                    )
+                for text in tok.batch_decode(out, skip_special_tokens=True):
+                    text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                    templates.append(text + ". {}")
     finally:
         tok.padding_side = padding_side
-        torch.random.set_rng_state(rng_state)
     return templates
 
 
+def null_space_settings(hparams: NMKEHyperParams) -> Dict[str, Any]:
+    """The hparams a state's corpus moments and null spaces were built from."""
+    return {
+        "mom2_dataset": hparams.mom2_dataset,
+        "mom2_n_samples": hparams.mom2_n_samples,
+        "mom2_max_length": hparams.mom2_max_length,
+        "nullspace_threshold": hparams.nullspace_threshold,
+    }
+
+
 def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEHyperParams) -> NMKEState:
-    """The model's lifelong state, built on first use (null spaces from corpus statistics, prefixes)."""
+    """The model's lifelong state, built on first use (null spaces from corpus statistics, prefixes).
+
+    A state built (or saved) under other corpus settings or another null-space threshold
+    follows the current hparams: its moments and null spaces are rebuilt, while C (the
+    earlier edits' keys, in neuron coordinates) stays valid and is kept.
+    """
     state = get_state(model)
     if state is not None:
         ok, why = state_layers_match(state, hparams.layers)
@@ -109,15 +126,39 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
             raise EditError(why + "; call reset_nmke_state(model) or use matching hparams")
     else:
         state = NMKEState(layers=list(hparams.layers))
+    settings = null_space_settings(hparams)
+    if state.null_space_settings and state.null_space_settings != settings:
+        changed = sorted(key for key in settings if state.null_space_settings.get(key) != settings[key])
+        warnings.warn(
+            f"NMKE state was built with {', '.join(f'{k}={state.null_space_settings.get(k)!r}' for k in changed)}; "
+            f"rebuilding its null spaces for {', '.join(f'{k}={settings[k]!r}' for k in changed)}",
+            stacklevel=2,
+        )
+        if changed != ["nullspace_threshold"]:
+            state.key_moments.clear()
+        state.null_bases.clear()
+        state.basis_cache.clear()
     device = next(model.parameters()).device
-    missing = [layer for layer in hparams.layers if layer not in state.null_bases or layer not in state.key_moments]
-    if missing:
+    for layer in hparams.layers:
+        d_ff = down_weight(nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))).shape[1]
+        for name, stored in (("null space", state.null_bases.get(layer)), ("key cache", state.key_cache.get(layer))):
+            if stored is not None and stored.shape[0] != d_ff:
+                raise EditError(
+                    f"NMKE state's {name} at layer {layer} is for {stored.shape[0]} neurons, "
+                    f"but {type(model).__name__} has {d_ff}; it belongs to another model"
+                )
+    missing_moments = [layer for layer in hparams.layers if layer not in state.key_moments]
+    missing_bases = [layer for layer in hparams.layers if layer not in state.null_bases]
+    if missing_moments or missing_bases:
         start = time.perf_counter()
-        moments = key_second_moments(model, tok, hparams, missing)
-        for layer in missing:
-            state.key_moments[layer] = moments[layer].to(device)
-            state.null_bases[layer] = null_space_basis(moments[layer], hparams.nullspace_threshold).to(device)
+        if missing_moments:
+            moments = key_second_moments(model, tok, hparams, missing_moments)
+            for layer in missing_moments:
+                state.key_moments[layer] = moments[layer].to(device)
+        for layer in missing_bases:
+            state.null_bases[layer] = null_space_basis(state.key_moments[layer], hparams.nullspace_threshold).to(device)
         state.add_time("projector", time.perf_counter() - start)
+    state.null_space_settings = settings
     for layer in hparams.layers:
         # A resumed state keeps its moments; mom2_dtype sets the precision they are decomposed in.
         state.key_moments[layer] = state.key_moments[layer].to(getattr(torch, hparams.mom2_dtype))
@@ -151,8 +192,10 @@ def _readout_matrix(
     entry = state.readout.get(layer)
     # Any in-place write to the weight (a restore by the editor, another method) bumps its
     # version counter, so a stale product is never reused.
-    if entry is None or entry.weight_version != weight._version:
-        entry = ReadoutCache(readout_product(unembed, weight_d_by_f.detach().float(), norm), weight._version)
+    if entry is None or not entry.matches(weight):
+        entry = ReadoutCache(
+            readout_product(unembed, weight_d_by_f.detach().float(), norm), weight._version, weight.data_ptr()
+        )
         state.readout[layer] = entry
     return entry.matrix
 
@@ -233,6 +276,8 @@ def execute_nmke(
     # fast_path: z's first forward also yields the attribution inputs and the first
     # layer's keys; later keys come from forwards cut after the subject token.
     fast = hparams.fast_path
+    edit_keys: Dict[int, torch.Tensor] = {}
+    committed: List[int] = []  # layers whose C already holds this edit's keys
     try:
         start = time.perf_counter()
         vectors = []
@@ -335,7 +380,7 @@ def execute_nmke(
                 state.add_time("solve", time.perf_counter() - start)
 
         start = time.perf_counter()
-        new_keys = {layer: [] for layer in layers}
+        new_keys: Dict[int, List[torch.Tensor]] = {layer: [] for layer in layers}
         for r, readout in zip(requests, subject_readouts):
             if fast:
                 edited_keys = readout(layers)[0]
@@ -343,20 +388,36 @@ def execute_nmke(
                 edited_keys = compute_ks(model, tok, r, hparams, layers, state.context_templates)
             for layer, k in edited_keys.items():
                 new_keys[layer].append(k)
+        edit_keys = {
+            layer: torch.stack(new_keys[layer], dim=1).to(state.key_cache[layer].device) for layer in layers
+        }
         state.add_time("keys", time.perf_counter() - start)
+        changed = any(not torch.equal(modules[layer].weight, originals[layer]) for layer in layers)
+        # Commit the lifelong statistics only once the whole edit succeeded; in-place
+        # rank-n additions, so nothing large is allocated after the weights changed.
+        record = UndoRecord(
+            originals=originals,
+            keys=edit_keys,
+            num_edits=state.num_edits,
+            kept_neurons=dict(state.kept_neurons),
+            weights_changed=changed,
+        )
+        for layer in layers:
+            state.add_edit_keys(layer, edit_keys[layer])
+            committed.append(layer)
     except Exception as exc:
         with torch.no_grad():
             for layer in layers:
                 modules[layer].weight.copy_(originals[layer])
         for layer in layers:
             state.readout.pop(layer, None)
+        for layer in committed:
+            state.remove_edit_keys(layer, edit_keys[layer])
         if isinstance(exc, EditError):
             raise
         raise EditError(f"NMKE edit failed, model left unchanged: {exc}") from exc
-    # Commit lifelong statistics only once the whole edit succeeded.
-    state.last_edit = state.undo_record(originals)
+    state.last_edit = record
     for layer in layers:
-        state.add_edit_keys(layer, torch.stack(new_keys[layer], dim=1))
         if layer in masks:
             state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
     state.num_edits += len(requests)
@@ -431,6 +492,12 @@ def apply_nmke_to_model(
         hparams.mlp_module_tmp,
         hparams.ln_f_module,
     )
+    last_block = num_layers(model) - 1
+    if hparams.v_loss_layer not in (-1, last_block):
+        raise ArchitectureError(
+            f"v_loss_layer {hparams.v_loss_layer}: the target is fitted on the model's logits, after the "
+            f"last block, so v_loss_layer must be -1 or {last_block} for {type(model).__name__}"
+        )
     if copy:
         model = copy_module.deepcopy(model)
     state = kwargs.get("nmke_state") or prepare_state(model, tok, hparams)

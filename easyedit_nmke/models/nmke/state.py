@@ -34,6 +34,10 @@ class ReadoutCache:
 
     matrix: torch.Tensor
     weight_version: int
+    weight_data_ptr: int  # a replaced weight tensor (``param.data = ...``) keeps the version count
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self.weight_version == weight._version and self.weight_data_ptr == weight.data_ptr()
 
 
 @dataclass
@@ -50,13 +54,19 @@ class BasisCache:
 
 @dataclass
 class UndoRecord:
-    """What the last edit changed, to roll the statistics back if an editor restores the weights."""
+    """What the last edit changed, to take its keys back out of C if an editor restores the weights.
+
+    Only the edit's keys are kept (C −= K Kᵀ undoes C += K Kᵀ up to float rounding):
+    a copy of C would be d_ff² floats per layer and edit (4 GB on Llama-3-8B).
+    """
 
     originals: Dict[int, torch.Tensor]  # down-projection weights before the edit
-    key_cache: Dict[int, torch.Tensor]
-    basis_cache: Dict[int, torch.Tensor]  # Bᵀ C B before the edit, where it was up to date
+    keys: Dict[int, torch.Tensor]  # the edit's keys K [d_ff, n] per layer
     num_edits: int
     kept_neurons: Dict[int, int]
+    # False when the update came out exactly zero: then "restored" cannot be told
+    # from "kept", and the edit's keys stay in C.
+    weights_changed: bool = True
 
 
 @dataclass
@@ -66,6 +76,8 @@ class NMKEState:
     null_bases: Dict[int, torch.Tensor] = field(default_factory=dict)  # B per layer [d_ff, r], P = B Bᵀ
     key_cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # C = Σ K Kᵀ of past edits
     context_templates: List[str] = field(default_factory=list)
+    # Corpus settings and threshold the moments and null spaces were built with (nmke_main.null_space_settings).
+    null_space_settings: Dict[str, Any] = field(default_factory=dict)
     num_edits: int = 0
     kept_neurons: Dict[int, int] = field(default_factory=dict)  # total kept neurons per layer, for reporting
     timings: Dict[str, float] = field(default_factory=dict)  # seconds spent per phase
@@ -86,13 +98,12 @@ class NMKEState:
         if record is None:
             return False
         self.last_edit = None
+        if not record.weights_changed:
+            return False
         if not all(torch.equal(weights[layer], record.originals[layer]) for layer in record.originals):
             return False
-        self.key_cache = record.key_cache
-        self.basis_cache = {
-            layer: BasisCache(matrix, self.key_cache[layer], self.key_cache[layer]._version)
-            for layer, matrix in record.basis_cache.items()
-        }
+        for layer, keys in record.keys.items():
+            self.remove_edit_keys(layer, keys)
         self.num_edits = record.num_edits
         self.kept_neurons = record.kept_neurons
         return True
@@ -109,28 +120,23 @@ class NMKEState:
 
     def add_edit_keys(self, layer: int, keys: torch.Tensor) -> None:
         """C += K Kᵀ for an edit's keys [d_ff, n], and the same in basis coordinates (r × r, not d_ff³)."""
+        self._add_outer_product(layer, keys, 1.0)
+
+    def remove_edit_keys(self, layer: int, keys: torch.Tensor) -> None:
+        """C −= K Kᵀ: takes back an ``add_edit_keys`` (exactly up to float rounding)."""
+        self._add_outer_product(layer, keys, -1.0)
+
+    def _add_outer_product(self, layer: int, keys: torch.Tensor, sign: float) -> None:
         key_cache = self.key_cache[layer]
         entry = self.basis_cache.get(layer)
         up_to_date = entry is not None and entry.matches(key_cache)
-        key_cache += keys @ keys.T
+        keys = keys.to(device=key_cache.device, dtype=key_cache.dtype)
+        key_cache.addmm_(keys, keys.T, alpha=sign)  # in place: no d_ff × d_ff temporary
         if up_to_date:
-            basis_keys = self.null_bases[layer].T @ keys.to(self.null_bases[layer].device)
-            entry.matrix += basis_keys @ basis_keys.T
+            basis = self.null_bases[layer]
+            basis_keys = (basis.T @ keys.to(device=basis.device, dtype=basis.dtype)).to(entry.matrix.dtype)
+            entry.matrix.addmm_(basis_keys, basis_keys.T, alpha=sign)
             entry.source_version = key_cache._version
-
-    def undo_record(self, originals: Dict[int, torch.Tensor]) -> UndoRecord:
-        """What ``rollback_if_restored`` needs to take back the edit about to be committed."""
-        return UndoRecord(
-            originals=originals,
-            key_cache={layer: c.clone() for layer, c in self.key_cache.items()},
-            basis_cache={
-                layer: entry.matrix.clone()
-                for layer, entry in self.basis_cache.items()
-                if entry.matches(self.key_cache[layer])
-            },
-            num_edits=self.num_edits,
-            kept_neurons=dict(self.kept_neurons),
-        )
 
     def reset(self) -> None:
         """Forget all edits (C, counters); corpus statistics, null-space bases and prefixes stay valid."""
@@ -142,6 +148,7 @@ class NMKEState:
         self.readout.clear()
         self.basis_cache.clear()
         self.last_edit = None
+        self.last_edit_info = {}
 
     def save(self, directory: Union[str, Path]) -> None:
         directory = Path(directory)
@@ -158,6 +165,7 @@ class NMKEState:
             "version": STATE_VERSION,
             "layers": self.layers,
             "context_templates": self.context_templates,
+            "null_space_settings": self.null_space_settings,
             "num_edits": self.num_edits,
             "kept_neurons": {str(k): v for k, v in self.kept_neurons.items()},
             "timings": self.timings,
@@ -182,6 +190,7 @@ class NMKEState:
             attribute = {"null_basis": "null_bases", "key_cache": "key_cache", "key_moment": "key_moments"}[kind]
             getattr(state, attribute)[int(layer)] = tensor
         state.context_templates = list(meta["context_templates"])
+        state.null_space_settings = dict(meta.get("null_space_settings", {}))  # absent before 2026-11-24
         state.num_edits = int(meta["num_edits"])
         state.kept_neurons = {int(k): int(v) for k, v in meta.get("kept_neurons", {}).items()}
         state.timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
