@@ -264,6 +264,65 @@ def test_reset_save_and_load_round_trip(tokenizer, sae_dir, tmp_path):
     assert fresh_state.num_edits == 0
 
 
+def test_failed_request_in_a_call_takes_the_earlier_ones_back(tokenizer, sae_dir, monkeypatch):
+    import easyedit_nmke.models.microedit.microedit_main as microedit_main
+
+    hparams = hparams_for("llama", sae_dir)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    state = get_state(model)
+    decoder, originals = state.sae.W_dec.detach().clone(), dict(state.original_rows)
+    real = microedit_main.compute_decoder_edit
+    calls = []
+
+    def diverges_on_second(*args, **kwargs):
+        edit = real(*args, **kwargs)
+        calls.append(edit)
+        if len(calls) == 2:
+            edit.rows[0, 0] = float("nan")
+        return edit
+
+    monkeypatch.setattr(microedit_main, "compute_decoder_edit", diverges_on_second)
+    with pytest.raises(ValueError, match="not finite"):
+        apply_microedit_to_model(model, tokenizer, REQUESTS[1:3], hparams)
+    assert len(calls) == 2
+    assert torch.equal(state.sae.W_dec, decoder)  # the first request's rows were put back
+    assert state.num_edits == 1 and len(state.edit_log) == 1
+    assert set(state.original_rows) == set(originals)
+
+
+def test_state_load_checks_the_sae_before_changing_anything(tokenizer, sae_dir, tmp_path):
+    hparams = hparams_for("llama", sae_dir)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, REQUESTS[:1], hparams)
+    get_state(model).save(tmp_path / "state")
+    # Another, narrower SAE saved at the same path: the saved latents do not fit it.
+    narrow_dir = tmp_path / "narrow"
+    tiny_sae(d_sae=16).save_model(str(narrow_dir))
+    other = tiny_model("llama", len(tokenizer))
+    other_state = prepare_state(other, tokenizer, hparams_for("llama", narrow_dir), progress=False)
+    apply_microedit_to_model(other, tokenizer, REQUESTS[1:2], hparams_for("llama", narrow_dir))
+    other_state.sae_source = get_state(model).sae_source  # pretend the sources match
+    decoder, log = other_state.sae.W_dec.detach().clone(), list(other_state.edit_log)
+    with pytest.raises(ValueError, match="this SAE has 16 latents|does not fit this SAE|expected"):
+        other_state.load(tmp_path / "state")
+    assert torch.equal(other_state.sae.W_dec, decoder)
+    assert other_state.edit_log == log and other_state.num_edits == 1
+
+
+def test_hooked_sae_settings_must_match_the_hparams(tokenizer, sae_dir):
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, REQUESTS[:1], hparams_for("llama", sae_dir))
+    with pytest.raises(ValueError, match=r"ard_alpha 1.0 \(hparams: 2.0\).*detach_microedit"):
+        apply_microedit_to_model(model, tokenizer, REQUESTS[1:2], hparams_for("llama", sae_dir, ard_alpha=2.0))
+    with pytest.raises(ValueError, match=r"sae_k 8 \(hparams: 4\)"):
+        apply_microedit_to_model(model, tokenizer, REQUESTS[1:2], hparams_for("llama", sae_dir, sae_k=4))
+    assert get_state(model).num_edits == 1
+    detach_microedit(model)
+    apply_microedit_to_model(model, tokenizer, REQUESTS[1:2], hparams_for("llama", sae_dir, ard_alpha=2.0))
+    assert get_state(model).switch.alpha == 2.0
+
+
 def test_two_models_do_not_share_state(tokenizer, sae_dir):
     hparams = hparams_for("llama", sae_dir)
     a, b = tiny_model("llama", len(tokenizer)), tiny_model("llama", len(tokenizer))

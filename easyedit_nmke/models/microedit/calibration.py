@@ -103,6 +103,11 @@ def calibrate_threshold(
     if not windows:
         raise ValueError(f"calibration corpus {description!r} gave no text windows")
     values = [v for v in input_ard(model, switch, layer_name, windows, pad_id(tok), progress=progress) if v != float("inf")]
+    if not values:
+        raise ValueError(
+            f"every calibration window's ARD is infinite (massive activations at every position, "
+            f"massive_norm_factor {switch.massive_norm_factor}): set ard_threshold in the hparams or raise the factor"
+        )
     threshold = float(sum(values) / len(values))
     cache.parent.mkdir(parents=True, exist_ok=True)
     record = {"key": json.loads(key), "alpha_times_threshold": threshold * switch.alpha, "samples": len(values)}

@@ -47,6 +47,22 @@ def prepare_state(
                 f"the model already carries a MicroEdit SAE at layer {state.layer} ({state.sae_source}); "
                 f"call detach_microedit(model) before using layer {hparams.layer} ({source})"
             )
+        # The switch's ARD (and a calibrated τ) depend on these: training with other
+        # values would optimise a distance the router does not use.
+        hooked = {
+            "ard_alpha": state.switch.alpha,
+            "massive_norm_factor": state.switch.massive_norm_factor,
+            "sae_k": getattr(state.sae.cfg, "k", None),
+        }
+        wanted = {"ard_alpha": hparams.ard_alpha, "massive_norm_factor": hparams.massive_norm_factor}
+        if hparams.sae_k is not None:
+            wanted["sae_k"] = hparams.sae_k
+        differ = [f"{key} {hooked[key]} (hparams: {value})" for key, value in wanted.items() if hooked[key] != value]
+        if differ:
+            raise ValueError(
+                f"the model's MicroEdit SAE was hooked with {', '.join(differ)}; "
+                "call detach_microedit(model) to hook it again with these hparams"
+            )
         if hparams.ard_threshold is not None:
             state.switch.threshold = hparams.ard_threshold
         return state
@@ -80,9 +96,14 @@ def execute_microedit(
     hparams: MicroEditHyperParams,
     state: MicroEditState,
 ) -> None:
-    """Apply ``requests`` one after another (batch size 1, as in the paper)."""
+    """Apply ``requests`` one after another (batch size 1, as in the paper).
+
+    If any request fails, the rows written by the earlier ones are put back and the
+    error is re-raised: a failed call leaves the model and the state as they were.
+    """
     state.forget_if_restored()
     log_length, num_edits = len(state.edit_log), state.num_edits
+    known_originals = set(state.original_rows)
     rows_before: Dict[int, torch.Tensor] = {}
     try:
         for request in requests:
@@ -92,6 +113,8 @@ def execute_microedit(
             )
             if edit.replay_failed:
                 state.replay_fits = False
+            if not torch.isfinite(edit.rows).all():
+                raise ValueError(f"the trained decoder rows for {request.prompt!r} are not finite (NaN/inf)")
             state.remember_originals(edit.latents)
             state.keep_first_rows(rows_before, edit.latents)
             with torch.no_grad():
@@ -109,8 +132,16 @@ def execute_microedit(
                 rehearsed=edit.rehearsed,
                 rehearsed_prob=edit.rehearsed_prob,
             )
-    finally:  # also after a failed request: the edits before it are in the model
-        state.record_call(log_length, num_edits, rows_before)
+    except BaseException:
+        with torch.no_grad():
+            for index, row in rows_before.items():
+                state.sae.W_dec[index] = row
+        for index in set(state.original_rows) - known_originals:
+            del state.original_rows[index]
+        del state.edit_log[log_length:]
+        state.num_edits = num_edits
+        raise
+    state.record_call(log_length, num_edits, rows_before)
 
 
 def apply_microedit_to_model(

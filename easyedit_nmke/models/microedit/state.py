@@ -159,19 +159,33 @@ class MicroEditState:
                 f"MicroEdit state in {directory} was saved for layer {meta['layer']} with SAE {meta['sae_source']!r}, "
                 f"not layer {self.layer} with SAE {self.sae_source!r}"
             )
-        self.reset()
         tensors = load_file(str(tensor_path))
         index = tensors["edited_latents"]
+        d_sae, d_model = self.sae.W_dec.shape
+        # Check everything against this SAE before changing anything.
+        if index.numel():
+            if int(index.min()) < 0 or int(index.max()) >= d_sae:
+                raise ValueError(
+                    f"MicroEdit state in {directory} edits latent {int(index.max())}, but this SAE has {d_sae} latents"
+                )
+            for name in ("edited_rows", "original_rows"):
+                if tuple(tensors[name].shape) != (index.numel(), d_model):
+                    raise ValueError(
+                        f"MicroEdit state in {directory}: {name} has shape {tuple(tensors[name].shape)}, "
+                        f"expected ({index.numel()}, {d_model}) for this SAE"
+                    )
+        logged = meta.get("edit_log", [])
+        log_latents = tensors["log_latents"].split(tensors["log_counts"].tolist()) if logged else []
+        if len(log_latents) != len(logged) or any(x.numel() and int(x.max()) >= d_sae for x in log_latents):
+            raise ValueError(f"MicroEdit state in {directory}: the edit log does not fit this SAE")
+        self.reset()
         if index.numel():
             device, dtype = self.sae.W_dec.device, self.sae.W_dec.dtype
             for i, row in zip(index.tolist(), tensors["original_rows"]):
                 self.original_rows[i] = row.to(device, dtype)
             with torch.no_grad():
                 self.sae.W_dec[index.to(device)] = tensors["edited_rows"].to(device, dtype)
-        logged = meta.get("edit_log", [])
-        if logged:
-            latents = tensors["log_latents"].split(tensors["log_counts"].tolist())
-            self.edit_log = [EditMemory(EditRequest(**entry), index) for entry, index in zip(logged, latents)]
+        self.edit_log = [EditMemory(EditRequest(**entry), latents) for entry, latents in zip(logged, log_latents)]
         self.switch.threshold = float(meta["threshold"])
         self.num_edits = int(meta["num_edits"])
         self.timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
