@@ -398,9 +398,16 @@ def test_v_loss_layer_other_than_the_last_is_rejected(llama, tokenizer, corpus_f
 
 
 def test_state_for_other_layers_is_rejected(llama, tokenizer, corpus_file, tmp_path):
+    from easyedit_nmke.models.nmke import detach_nmke_state
+
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path))
-    with pytest.raises(EditError, match="layers"):
-        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], tiny_hparams("llama", corpus_file, tmp_path, layers=[0, 1]))
+    other_layers = tiny_hparams("llama", corpus_file, tmp_path, layers=[0, 1])
+    with pytest.raises(EditError, match="layers.*detach_nmke_state"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], other_layers)
+    old = detach_nmke_state(llama)
+    assert old.num_edits == 1 and get_state(llama) is None
+    apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], other_layers)
+    assert get_state(llama).layers == [0, 1] and get_state(llama).num_edits == 1
 
 
 def test_hparams_file_checks(tmp_path):

@@ -8,12 +8,16 @@ the down projection as a ``[d, d_ff]`` matrix so the algorithm has one orientati
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .nethook import capture, get_module, hidden_of, record_calls
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
 
 
 class ArchitectureError(ValueError):
@@ -31,7 +35,7 @@ def num_layers(model: nn.Module) -> int:
     raise ArchitectureError(f"cannot tell the number of layers of {type(model).__name__}")
 
 
-def check_module_templates(model: nn.Module, layers, *templates: str) -> None:
+def check_module_templates(model: nn.Module, layers: Sequence[int], *templates: str) -> None:
     """Fail early, naming the problem, when a layer index or a module template does not fit the model."""
     n = num_layers(model)
     bad = [layer for layer in layers if not 0 <= layer < n]
@@ -295,7 +299,7 @@ class _FixedPast:
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-def new_cache(model: nn.Module):
+def new_cache(model: nn.Module) -> "DynamicCache":
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
@@ -481,7 +485,12 @@ def recorded_input(call: Tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def replay_blocks(blocks: Sequence[nn.Module], calls: Sequence[Tuple[tuple, dict]], hidden: torch.Tensor, past=None):
+def replay_blocks(
+    blocks: Sequence[nn.Module],
+    calls: Sequence[Tuple[tuple, dict]],
+    hidden: torch.Tensor,
+    past: Optional["Cache"] = None,
+) -> torch.Tensor:
     """Call ``blocks`` in turn on ``hidden`` with their recorded arguments (``nethook.record_calls``).
 
     Any transformers ``Cache`` among the arguments is replaced by ``past`` (None when

@@ -7,7 +7,7 @@ depending on the architecture and transformers version; ``hidden_of`` /
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -27,11 +27,13 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
     raise LookupError(f"parameter {name!r} not found in {type(model).__name__}")
 
 
-def hidden_of(output) -> torch.Tensor:
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states of a module output (the first element of a tuple/list output)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def replace_hidden(output, hidden: torch.Tensor):
+def replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden states replaced by ``hidden``, in the same container type."""
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])
     if isinstance(output, list):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy as copy_module
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -196,13 +197,13 @@ def edited_parameter_names(hparams: MicroEditHyperParams) -> List[str]:
     return [DECODER_PARAMETER]
 
 
-def save_method_state(model: nn.Module, directory) -> None:
+def save_method_state(model: nn.Module, directory: Union[str, Path]) -> None:
     state = get_state(model)
     if state is not None:
         state.save(directory)
 
 
-def load_method_state(model: nn.Module, directory) -> None:
+def load_method_state(model: nn.Module, directory: Union[str, Path]) -> None:
     state = get_state(model)
     if state is None:
         raise RuntimeError("MicroEdit state can only be loaded into a prepared model (call prepare_method first)")

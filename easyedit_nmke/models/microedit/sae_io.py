@@ -41,6 +41,7 @@ from ...util.nethook import get_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from sae_lens import TopKSAE
+    from transformers import PreTrainedTokenizerBase
 
     from .microedit_hparams import MicroEditHyperParams
 
@@ -391,7 +392,9 @@ def read_metrics(directory: Union[str, Path]) -> Optional[Dict[str, Any]]:
     return _read_json(path) if path.is_file() else None
 
 
-def ensure_sae(model: nn.Module, tok, hparams: "MicroEditHyperParams", progress: bool = True) -> "TopKSAE":
+def ensure_sae(
+    model: nn.Module, tok: "PreTrainedTokenizerBase", hparams: "MicroEditHyperParams", progress: bool = True
+) -> "TopKSAE":
     """``load_sae``, training and caching the SAE first when it is missing (see ``train_sae.ensure_sae``)."""
     from .train_sae import ensure_sae as _ensure_sae
 

@@ -2,6 +2,7 @@
 from .nmke_hparams import NMKEHyperParams
 from .nmke_main import (
     apply_nmke_to_model,
+    detach_nmke_state,
     edited_parameter_names,
     execute_nmke,
     load_method_state,
@@ -18,6 +19,7 @@ __all__ = [
     "NMKEHyperParams",
     "NMKEState",
     "apply_nmke_to_model",
+    "detach_nmke_state",
     "edited_parameter_names",
     "load_method_state",
     "null_space_report",

@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy as copy_module
 import time
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,7 +63,15 @@ from .nullspace import (
     occupied_directions,
     solve_in_null_space,
 )
-from .state import NMKEState, ReadoutCache, UndoRecord, attach_state, get_state, state_layers_match
+from .state import (
+    NMKEState,
+    ReadoutCache,
+    UndoRecord,
+    attach_state,
+    detach_state,
+    get_state,
+    state_layers_match,
+)
 
 _CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -123,7 +132,10 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
     if state is not None:
         ok, why = state_layers_match(state, hparams.layers)
         if not ok:
-            raise EditError(why + "; call reset_nmke_state(model) or use matching hparams")
+            raise EditError(
+                why + "; use matching hparams, or detach_nmke_state(model) to start a new state (earlier "
+                "edits stay in the weights but later edits no longer protect them)"
+            )
     else:
         state = NMKEState(layers=list(hparams.layers))
     settings = null_space_settings(hparams)
@@ -512,9 +524,15 @@ def apply_nmke_to_model(
 
 
 def reset_nmke_state(model: nn.Module) -> None:
+    """Forget the edits' keys and counters; the null spaces and prefixes stay (the weights are not touched)."""
     state = get_state(model)
     if state is not None:
         state.reset()
+
+
+def detach_nmke_state(model: nn.Module) -> Optional[NMKEState]:
+    """Remove the lifelong state from ``model`` (for other edit layers); the next edit builds a new one."""
+    return detach_state(model)
 
 
 def edited_parameter_names(hparams: NMKEHyperParams) -> List[str]:
@@ -522,13 +540,13 @@ def edited_parameter_names(hparams: NMKEHyperParams) -> List[str]:
     return [f"{hparams.rewrite_module_tmp.format(layer)}.weight" for layer in hparams.layers]
 
 
-def save_method_state(model: nn.Module, directory) -> None:
+def save_method_state(model: nn.Module, directory: Union[str, Path]) -> None:
     state = get_state(model)
     if state is not None:
         state.save(directory)
 
 
-def load_method_state(model: nn.Module, directory) -> None:
+def load_method_state(model: nn.Module, directory: Union[str, Path]) -> None:
     device = next(model.parameters()).device
     attach_state(model, NMKEState.load(directory, device=device))
 

@@ -217,6 +217,7 @@ def attach_state(model: nn.Module, state: NMKEState) -> NMKEState:
 
 
 def detach_state(model: nn.Module) -> Optional[NMKEState]:
+    """Take the lifelong state off ``model`` (the weights keep their edits) and return it."""
     return model.__dict__.pop(STATE_ATTRIBUTE, None)
 
 
