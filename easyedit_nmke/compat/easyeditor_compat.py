@@ -132,6 +132,9 @@ _MULTIMODAL_TRANSFORMERS_HELPERS = (
 )
 _CPU_WRAPPED_METHODS = ("__init__", "edit", "batch_edit", "edit_requests", "edit_dataset")
 
+# Process-wide on purpose, and the only module-level mutable state in the plugin: what
+# these record (finders on sys.meta_path, hooks on imported modules, the Tensor.to
+# redirect) is itself process-wide, so per-model state could not describe it.
 _LOCK = threading.RLock()
 _SHIMS_INSTALLED = False
 _POST_IMPORT_HOOKS: Dict[str, List[Callable[[types.ModuleType], None]]] = {}
