@@ -91,33 +91,38 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def sampled_continuations(
+    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int, top_k: int
+) -> List[str]:
+    """Top-k sampled continuations of ``prompts`` (decoded with the prompt); seed with ``seeded_rng``."""
+    device = next(model.parameters()).device
+    padding_side = tok.padding_side
+    tok.padding_side = "left"  # generation continues after the last position
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            )
+    finally:
+        tok.padding_side = padding_side
+    return tok.batch_decode(out, skip_special_tokens=True)
+
+
 def generate_corpus(
     model: nn.Module, tok: PreTrainedTokenizerBase, n_texts: int, length: int, seed: int = 0
 ) -> List[str]:
     """Texts sampled from the model itself (seeded), for machines with no corpus at hand."""
-    device = next(model.parameters()).device
     texts: List[str] = []
-    padding_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        with seeded_rng(seed, device):
-            batch = 16
-            for start in tqdm(range(0, n_texts, batch), desc="generating corpus", leave=False):
-                prompts = [
-                    _SEED_PROMPTS[(start + i) % len(_SEED_PROMPTS)] for i in range(min(batch, n_texts - start))
-                ]
-                enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-                with torch.no_grad():
-                    out = model.generate(
-                        **enc,
-                        do_sample=True,
-                        top_k=50,
-                        max_new_tokens=length,
-                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    )
-                texts.extend(tok.batch_decode(out, skip_special_tokens=True))
-    finally:
-        tok.padding_side = padding_side
+    batch = 16
+    with seeded_rng(seed, next(model.parameters()).device):
+        for start in tqdm(range(0, n_texts, batch), desc="generating corpus", leave=False):
+            prompts = [_SEED_PROMPTS[(start + i) % len(_SEED_PROMPTS)] for i in range(min(batch, n_texts - start))]
+            texts.extend(sampled_continuations(model, tok, prompts, length, top_k=50))
     return texts
 
 

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...compat import weights_copy_for_easyeditor
 from ...util import nethook
-from ...util.corpus import seeded_rng
+from ...util.corpus import sampled_continuations, seeded_rng
 from ...util.model_parts import (
     ArchitectureError,
     check_module_templates,
@@ -85,29 +85,14 @@ def generate_context_templates(
 ) -> List[str]:
     """"{}" plus short model-written prefixes (AlphaEdit's context templates), seeded for reproducibility."""
     templates = ["{}"]
-    device = next(model.parameters()).device
-    padding_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        with seeded_rng(seed, device):
-            for length, count in length_params:
-                if count == 0:
-                    continue
-                seeds = [_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)] for i in range(count)]
-                enc = tok(seeds, return_tensors="pt", padding=True).to(device)
-                with torch.no_grad():
-                    out = model.generate(
-                        **enc,
-                        do_sample=True,
-                        top_k=5,
-                        max_new_tokens=length,
-                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    )
-                for text in tok.batch_decode(out, skip_special_tokens=True):
-                    text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-                    templates.append(text + ". {}")
-    finally:
-        tok.padding_side = padding_side
+    with seeded_rng(seed, next(model.parameters()).device):
+        for length, count in length_params:
+            if count == 0:
+                continue
+            seeds = [_CONTEXT_SEEDS[i % len(_CONTEXT_SEEDS)] for i in range(count)]
+            for text in sampled_continuations(model, tok, seeds, length, top_k=5):
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                templates.append(text + ". {}")
     return templates
 
 
