@@ -1,6 +1,7 @@
 """MicroEdit on tiny random models with tiny TopK SAEs: hook, switch, decoder-row edits, state."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -304,10 +305,28 @@ def test_state_load_checks_the_sae_before_changing_anything(tokenizer, sae_dir, 
     apply_microedit_to_model(other, tokenizer, REQUESTS[1:2], hparams_for("llama", narrow_dir))
     other_state.sae_source = get_state(model).sae_source  # pretend the sources match
     decoder, log = other_state.sae.W_dec.detach().clone(), list(other_state.edit_log)
-    with pytest.raises(ValueError, match="this SAE has 16 latents|does not fit this SAE|expected"):
+    with pytest.raises(ValueError, match="this one has 16 latents|does not fit this SAE"):
         other_state.load(tmp_path / "state")
     assert torch.equal(other_state.sae.W_dec, decoder)
     assert other_state.edit_log == log and other_state.num_edits == 1
+    # Rows of the wrong width, and a malformed log entry, are refused the same way.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "state" / "microedit_state.safetensors"))
+    save_file({**tensors, "edited_rows": tensors["edited_rows"][:, :32].contiguous()},
+              str(tmp_path / "state" / "microedit_state.safetensors"))
+    model_state = get_state(model)
+    decoder = model_state.sae.W_dec.detach().clone()
+    with pytest.raises(ValueError, match=r"edited_rows has shape \(\d+, 32\), expected"):
+        model_state.load(tmp_path / "state")
+    save_file(tensors, str(tmp_path / "state" / "microedit_state.safetensors"))
+    meta_path = tmp_path / "state" / "microedit_state.json"
+    meta = json.loads(meta_path.read_text())
+    meta["edit_log"][0]["subjekt"] = meta["edit_log"][0].pop("subject")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="malformed"):
+        model_state.load(tmp_path / "state")
+    assert torch.equal(model_state.sae.W_dec, decoder) and model_state.num_edits == 1
 
 
 def test_hooked_sae_settings_must_match_the_hparams(tokenizer, sae_dir):

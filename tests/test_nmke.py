@@ -320,8 +320,9 @@ def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
     assert state.num_edits == 0
 
 
+@pytest.mark.parametrize("error, expected", [(RuntimeError("out of memory"), EditError), (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_failure_while_committing_statistics_restores_weights_and_cache(
-    llama, tokenizer, corpus_file, tmp_path, monkeypatch
+    error, expected, llama, tokenizer, corpus_file, tmp_path, monkeypatch
 ):
     hp = tiny_hparams("llama", corpus_file, tmp_path)
     apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
@@ -332,16 +333,27 @@ def test_failure_while_committing_statistics_restores_weights_and_cache(
 
     def fail_on_last_layer(self, layer, keys):
         if layer == hp.layers[-1]:
-            raise RuntimeError("out of memory")
+            raise error
         add(self, layer, keys)
 
     monkeypatch.setattr(NMKEState, "add_edit_keys", fail_on_last_layer)
-    with pytest.raises(EditError, match="out of memory"):
+    with pytest.raises(expected):
         apply_nmke_to_model(llama, tokenizer, REQUESTS[1:2], hp)
     _assert_bitwise_equal(llama, before)
     assert state.num_edits == 1
     for layer, cache in caches.items():  # the first layer's keys were taken back out
         torch.testing.assert_close(state.key_cache[layer], cache, atol=1e-5 * float(cache.abs().max()), rtol=0)
+
+
+def test_adding_keys_changes_nothing_when_it_fails():
+    basis = torch.linalg.qr(torch.randn(6, 4))[0]
+    state = NMKEState(layers=[0], null_bases={0: basis}, key_cache={0: torch.zeros(6, 6)})
+    state.key_cache_in_basis(0)
+    state.null_bases[0] = torch.zeros(7, 4)  # the basis-coordinates update will fail on shapes
+    with pytest.raises(RuntimeError):
+        state.add_edit_keys(0, torch.randn(6, 1))
+    assert float(state.key_cache[0].abs().sum()) == 0.0
+    assert float(state.basis_cache[0].matrix.abs().sum()) == 0.0
 
 
 def test_rollback_needs_an_edit_that_changed_the_weights(tmp_path):
@@ -380,13 +392,19 @@ def test_state_follows_changed_null_space_settings(llama, tokenizer, corpus_file
     for layer in hp.layers:
         assert state.null_bases[layer].shape[1] > dims[layer]  # rebuilt with the new threshold
         assert torch.equal(state.key_cache[layer], cache[layer])  # earlier edits' keys are kept
-    # A state from a model with another FFN width is refused before anything changes.
+    # A state from a model with another FFN width is refused before anything changes,
+    # also when the hparams would otherwise have it rebuilt.
     other = tiny_model("llama", len(tokenizer), intermediate_size=80)
-    attach_state(other, NMKEState.load(tmp_path / "state"))
+    foreign = attach_state(other, NMKEState.load(tmp_path / "state"))
+    stored = {name: dict(getattr(foreign, name)) for name in ("null_bases", "key_moments", "key_cache")}
     before = _weights(other)
     with pytest.raises(EditError, match="96 neurons.*has 80"):
-        apply_nmke_to_model(other, tokenizer, REQUESTS[:1], hp)
+        apply_nmke_to_model(other, tokenizer, REQUESTS[:1], looser)
     _assert_bitwise_equal(other, before)
+    assert foreign.null_space_settings["nullspace_threshold"] == 2e-2
+    for name, tensors in stored.items():
+        assert getattr(foreign, name).keys() == tensors.keys()
+        assert all(getattr(foreign, name)[layer] is tensor for layer, tensor in tensors.items())
 
 
 def test_v_loss_layer_other_than_the_last_is_rejected(llama, tokenizer, corpus_file, tmp_path):
@@ -444,6 +462,10 @@ def test_hparams_values_are_typed(tmp_path):
     path = tmp_path / "exponent.yaml"
     path.write_text(text + "\nnullspace_threshold: 5e-2\n")
     assert NMKEHyperParams.from_hparams(path).nullspace_threshold == 0.05
+    # An int stays as written (resumable runs fingerprint the hparams), a device index too.
+    path.write_text(text + "\nL2: 10\ndevice: 0\n")
+    loaded = NMKEHyperParams.from_hparams(path)
+    assert loaded.L2 == 10 and type(loaded.L2) is int and loaded.device == 0
     wrong = {
         "layers_scalar.yaml": ("layers: 5", "layers must be"),
         "layers_strings.yaml": ('layers: ["4", "5"]', "layers must be"),
@@ -451,6 +473,8 @@ def test_hparams_values_are_typed(tmp_path):
         "lr_word.yaml": ("v_lr: fast", "v_lr must be float"),
         "flag_int.yaml": ("fast_path: 1", "fast_path must be bool"),
         "mode_number.yaml": ("mask_mode: 3", "mask_mode must be str"),
+        "device_flag.yaml": ("device: true", r"device must be Union\[int, str\]"),
+        "threshold_nan.yaml": ("nullspace_threshold: nan", "nullspace_threshold must be float"),
     }
     for name, (line, message) in wrong.items():
         key = line.split(":")[0]
@@ -480,8 +504,11 @@ def test_restored_weights_roll_back_lifelong_statistics(mode, llama, tokenizer, 
     apply_nmke_to_model(llama, tokenizer, REQUESTS[2:], hp)
     state = get_state(llama)
     assert state.num_edits == 1
+    assert state.last_edit.weights_changed
     for layer in hp.layers:
-        assert torch.linalg.matrix_rank(state.key_cache[layer]) == 1
+        # Undoing onto an empty C is exact: C holds the third edit's keys and nothing else.
+        keys = state.last_edit.keys[layer]
+        assert torch.equal(state.key_cache[layer], keys @ keys.T)
         if mode == "none":  # the basis-coordinates cache came back with C, not rebuilt stale
             expected = cache_in_basis(state.null_bases[layer], state.key_cache[layer])
             got = state.key_cache_in_basis(layer)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Dict, Tuple, Type, TypeVar, Union
@@ -42,6 +44,10 @@ HyperParamsBase = _Base
 T = TypeVar("T", bound="PluginHyperParams")
 
 
+# A plain decimal number as YAML 1.2 reads it (PyYAML 1.1 leaves "5e-5" a string).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 class HParamsError(ValueError):
     """An hparams file that cannot be used, with the reason."""
 
@@ -70,17 +76,19 @@ def _checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
     """``value`` as the field's annotated type, or a clear error naming the key.
 
     YAML 1.1 (PyYAML) reads ``5e-5`` (no decimal point) as a string; such strings are
-    accepted for float fields, as EasyEdit's YAMLs rely on them being numbers.
+    accepted for float fields, as EasyEdit's YAMLs rely on them being numbers.  An int
+    in a float field stays an int: the value (and the hparams' fingerprint that resumable
+    runs compare) is what the file says.
     """
 
     def fail() -> HParamsError:
-        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
         return HParamsError(f"{source}: {key} must be {shown}, got {value!r} ({type(value).__name__})")
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
-    if origin is Union:
+    if origin is Union or isinstance(annotation, types.UnionType):
         if value is None and type(None) in args:
             return None
         for option in (a for a in args if a is not type(None)):
@@ -104,12 +112,9 @@ def _checked_value(value: Any, annotation: Any, key: str, source: str) -> Any:
         raise fail()
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
         raise fail()
     if annotation is str:
         if isinstance(value, str):

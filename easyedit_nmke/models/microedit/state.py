@@ -162,12 +162,17 @@ class MicroEditState:
         tensors = load_file(str(tensor_path))
         index = tensors["edited_latents"]
         d_sae, d_model = self.sae.W_dec.shape
-        # Check everything against this SAE before changing anything.
+
+        def fits(latents: torch.Tensor) -> bool:
+            return latents.numel() == 0 or (int(latents.min()) >= 0 and int(latents.max()) < d_sae)
+
+        # Read and check everything against this SAE before changing anything.
+        if not fits(index):
+            raise ValueError(
+                f"MicroEdit state in {directory} edits latents outside 0..{d_sae - 1}: "
+                f"it was saved for another SAE (this one has {d_sae} latents)"
+            )
         if index.numel():
-            if int(index.min()) < 0 or int(index.max()) >= d_sae:
-                raise ValueError(
-                    f"MicroEdit state in {directory} edits latent {int(index.max())}, but this SAE has {d_sae} latents"
-                )
             for name in ("edited_rows", "original_rows"):
                 if tuple(tensors[name].shape) != (index.numel(), d_model):
                     raise ValueError(
@@ -176,8 +181,14 @@ class MicroEditState:
                     )
         logged = meta.get("edit_log", [])
         log_latents = tensors["log_latents"].split(tensors["log_counts"].tolist()) if logged else []
-        if len(log_latents) != len(logged) or any(x.numel() and int(x.max()) >= d_sae for x in log_latents):
+        if len(log_latents) != len(logged) or not all(fits(x) for x in log_latents):
             raise ValueError(f"MicroEdit state in {directory}: the edit log does not fit this SAE")
+        try:
+            edit_log = [EditMemory(EditRequest(**entry), latents) for entry, latents in zip(logged, log_latents)]
+            threshold, num_edits = float(meta["threshold"]), int(meta["num_edits"])
+            timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"MicroEdit state in {directory} is malformed: {exc!r}") from exc
         self.reset()
         if index.numel():
             device, dtype = self.sae.W_dec.device, self.sae.W_dec.dtype
@@ -185,10 +196,10 @@ class MicroEditState:
                 self.original_rows[i] = row.to(device, dtype)
             with torch.no_grad():
                 self.sae.W_dec[index.to(device)] = tensors["edited_rows"].to(device, dtype)
-        self.edit_log = [EditMemory(EditRequest(**entry), latents) for entry, latents in zip(logged, log_latents)]
-        self.switch.threshold = float(meta["threshold"])
-        self.num_edits = int(meta["num_edits"])
-        self.timings = {k: float(v) for k, v in meta.get("timings", {}).items()}
+        self.edit_log = edit_log
+        self.switch.threshold = threshold
+        self.num_edits = num_edits
+        self.timings = timings
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds

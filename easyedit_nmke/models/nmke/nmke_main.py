@@ -102,6 +102,7 @@ def null_space_settings(hparams: NMKEHyperParams) -> Dict[str, Any]:
         "mom2_dataset": hparams.mom2_dataset,
         "mom2_n_samples": hparams.mom2_n_samples,
         "mom2_max_length": hparams.mom2_max_length,
+        "mom2_dtype": hparams.mom2_dtype,
         "nullspace_threshold": hparams.nullspace_threshold,
     }
 
@@ -123,7 +124,23 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
             )
     else:
         state = NMKEState(layers=list(hparams.layers))
+    device = next(model.parameters()).device
+    # Refuse a state from another model before changing anything in it.
+    for layer in hparams.layers:
+        d_ff = down_weight(nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))).shape[1]
+        stored_parts = (
+            ("null space", state.null_bases.get(layer)),
+            ("key statistics", state.key_moments.get(layer)),
+            ("key cache", state.key_cache.get(layer)),
+        )
+        for name, stored in stored_parts:
+            if stored is not None and stored.shape[0] != d_ff:
+                raise EditError(
+                    f"NMKE state's {name} at layer {layer} is for {stored.shape[0]} neurons, "
+                    f"but {type(model).__name__} has {d_ff}; it belongs to another model"
+                )
     settings = null_space_settings(hparams)
+    # States saved before the settings were recorded have none: they are kept as they are.
     if state.null_space_settings and state.null_space_settings != settings:
         changed = sorted(key for key in settings if state.null_space_settings.get(key) != settings[key])
         warnings.warn(
@@ -135,27 +152,20 @@ def prepare_state(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: NMKEH
             state.key_moments.clear()
         state.null_bases.clear()
         state.basis_cache.clear()
-    device = next(model.parameters()).device
-    for layer in hparams.layers:
-        d_ff = down_weight(nethook.get_module(model, hparams.rewrite_module_tmp.format(layer))).shape[1]
-        for name, stored in (("null space", state.null_bases.get(layer)), ("key cache", state.key_cache.get(layer))):
-            if stored is not None and stored.shape[0] != d_ff:
-                raise EditError(
-                    f"NMKE state's {name} at layer {layer} is for {stored.shape[0]} neurons, "
-                    f"but {type(model).__name__} has {d_ff}; it belongs to another model"
-                )
     missing_moments = [layer for layer in hparams.layers if layer not in state.key_moments]
     missing_bases = [layer for layer in hparams.layers if layer not in state.null_bases]
     if missing_moments or missing_bases:
         start = time.perf_counter()
-        if missing_moments:
-            moments = key_second_moments(model, tok, hparams, missing_moments)
-            for layer in missing_moments:
-                state.key_moments[layer] = moments[layer].to(device)
+        moments = key_second_moments(model, tok, hparams, missing_moments) if missing_moments else {}
         for layer in missing_bases:
-            state.null_bases[layer] = null_space_basis(state.key_moments[layer], hparams.nullspace_threshold).to(device)
+            # Decomposed on the CPU whatever the model's device, so the bases (and every
+            # edit after them) do not depend on the accelerator's eigensolver.
+            source = moments[layer] if layer in moments else state.key_moments[layer].cpu()
+            state.null_bases[layer] = null_space_basis(source, hparams.nullspace_threshold).to(device)
+        for layer, moment in moments.items():
+            state.key_moments[layer] = moment.to(device)
+        state.null_space_settings = settings
         state.add_time("projector", time.perf_counter() - start)
-    state.null_space_settings = settings
     for layer in hparams.layers:
         # A resumed state keeps its moments; mom2_dtype sets the precision they are decomposed in.
         state.key_moments[layer] = state.key_moments[layer].to(getattr(torch, hparams.mom2_dtype))
@@ -402,7 +412,7 @@ def execute_nmke(
         for layer in layers:
             state.add_edit_keys(layer, edit_keys[layer])
             committed.append(layer)
-    except Exception as exc:
+    except BaseException as exc:  # an interrupt too must not leave half an edit behind
         with torch.no_grad():
             for layer in layers:
                 modules[layer].weight.copy_(originals[layer])
@@ -410,7 +420,7 @@ def execute_nmke(
             state.readout.pop(layer, None)
         for layer in committed:
             state.remove_edit_keys(layer, edit_keys[layer])
-        if isinstance(exc, EditError):
+        if isinstance(exc, EditError) or not isinstance(exc, Exception):
             raise
         raise EditError(f"NMKE edit failed, model left unchanged: {exc}") from exc
     state.last_edit = record

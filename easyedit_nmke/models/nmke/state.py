@@ -130,11 +130,13 @@ class NMKEState:
         key_cache = self.key_cache[layer]
         entry = self.basis_cache.get(layer)
         up_to_date = entry is not None and entry.matches(key_cache)
+        # Everything that allocates comes first, so a failure leaves C and Bᵀ C B untouched.
         keys = keys.to(device=key_cache.device, dtype=key_cache.dtype)
-        key_cache.addmm_(keys, keys.T, alpha=sign)  # in place: no d_ff × d_ff temporary
         if up_to_date:
             basis = self.null_bases[layer]
             basis_keys = (basis.T @ keys.to(device=basis.device, dtype=basis.dtype)).to(entry.matrix.dtype)
+        key_cache.addmm_(keys, keys.T, alpha=sign)  # in place: no d_ff × d_ff temporary
+        if up_to_date:
             entry.matrix.addmm_(basis_keys, basis_keys.T, alpha=sign)
             entry.source_version = key_cache._version
 
