@@ -602,7 +602,6 @@ def test_fast_z_reads_keys_and_attribution_inputs_of_the_reference(llama, tokeni
         SubjectReadout,
         collect_attribution_inputs,
         compute_ks,
-        keys_and_output,
         layer_output_at_subject,
     )
     from easyedit_nmke.models.nmke.compute_z import compute_z
@@ -624,7 +623,8 @@ def test_fast_z_reads_keys_and_attribution_inputs_of_the_reference(llama, tokeni
     output = layer_output_at_subject(llama, tokenizer, request, hp, hp.layers[-1])
     torch.testing.assert_close(tv.initial.float(), output, rtol=1e-5, atol=1e-5)
     # The cut forward behind the later keys: same keys and block output.
-    cut_keys, cut_output = keys_and_output(llama, tokenizer, request, hp, hp.layers, hp.layers[-1], templates)
+    cut = SubjectReadout(llama, tokenizer, request, hp, templates, hp.layers[0], hp.layers[-1])
+    cut_keys, cut_output = cut(hp.layers, hp.layers[-1])
     for layer in hp.layers:
         torch.testing.assert_close(cut_keys[layer], keys[layer], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cut_output, output, rtol=1e-5, atol=1e-5)

@@ -175,18 +175,3 @@ class SubjectReadout:
         result = {layer: keys[name][rows, self.last[: self.n_keys]].float().mean(0) for layer, name in key_names.items()}
         output = None if output_layer is None else outputs[out_names[0]][self.bare, self.last[self.bare]].float()
         return result, output
-
-
-def keys_and_output(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    request: EditRequest,
-    hparams: NMKEHyperParams,
-    key_layers: Sequence[int],
-    output_layer: Optional[int],
-    context_templates: List[str],
-) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
-    """``compute_ks(key_layers)`` and ``layer_output_at_subject(output_layer)`` from one cut forward."""
-    layers = list(key_layers) + ([] if output_layer is None else [output_layer])
-    readout = SubjectReadout(model, tok, request, hparams, context_templates, min(layers), max(layers))
-    return readout(key_layers, output_layer)
