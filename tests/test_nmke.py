@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from easyedit_nmke.models.nmke import NMKEState, apply_nmke_to_model, get_state, prepare_state, reset_nmke_state
@@ -483,6 +484,15 @@ def test_hparams_values_are_typed(tmp_path):
         path.write_text(content)
         with pytest.raises(HParamsError, match=message):
             NMKEHyperParams.from_hparams(path)
+    # JSON hparams load too (upstream EasyEdit accepts them).
+    json_path = tmp_path / "smollm2.json"
+    json_path.write_text(json.dumps(yaml.safe_load(text)))
+    assert NMKEHyperParams.from_hparams(json_path).layers == NMKEHyperParams.from_hparams(
+        REPO / "hparams/NMKE/smollm2-135m.yaml"
+    ).layers
+    json_path.write_text("{not json")
+    with pytest.raises(HParamsError, match="malformed JSON"):
+        NMKEHyperParams.from_hparams(json_path)
     # A name without suffix gets ".yaml" appended, also when it contains a dot.
     assert load_hparams(REPO / "hparams/NMKE/qwen2.5-7b").model_name.startswith("Qwen")
     assert NMKEHyperParams.from_hparams(REPO / "hparams/NMKE/qwen2.5-7b").alg_name == "NMKE"

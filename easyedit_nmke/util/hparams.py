@@ -53,18 +53,21 @@ class HParamsError(ValueError):
 
 
 def read_hparams_yaml(hparams_name_or_path: Union[str, Path]) -> Tuple[Path, Dict[str, Any]]:
-    """``(path, mapping)`` of an hparams YAML; ``.yaml`` is appended when the name has no YAML suffix.
+    """``(path, mapping)`` of an hparams YAML (or JSON, as upstream EasyEdit accepts).
 
-    Appended, not substituted: ``hparams/NMKE/qwen2.5-7b`` names ``qwen2.5-7b.yaml``.
+    ``.yaml`` is appended, not substituted, when the name has no such suffix:
+    ``hparams/NMKE/qwen2.5-7b`` names ``qwen2.5-7b.yaml``.
     """
     path = Path(hparams_name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if path.suffix not in (".yaml", ".yml", ".json"):
         path = Path(f"{path}.yaml")
     if not path.is_file():
         raise HParamsError(f"hparams file not found: {path}")
     try:
         with open(path, "r") as f:
-            config = yaml.safe_load(f)
+            config = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
+    except json.JSONDecodeError as exc:
+        raise HParamsError(f"{path}: malformed JSON: {exc}") from exc
     except yaml.YAMLError as exc:
         raise HParamsError(f"{path}: malformed YAML: {exc}") from exc
     if not isinstance(config, dict):
