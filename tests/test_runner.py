@@ -140,6 +140,11 @@ def test_run_saves_between_checkpoints_and_resumes_there(tokenizer, corpus_file,
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
     progress = json.loads((work / "checkpoint" / "progress.json").read_text())
     assert progress["done"] == 2 and progress["result"]["runs"] == []  # saved after edit 2, nothing evaluated yet
+    # Also killed in the middle of the next save: the complete checkpoint had been moved
+    # aside and the new one was half written. Resuming must find the complete one.
+    (work / "checkpoint").rename(work / "checkpoint.old")
+    (work / "checkpoint.partial").mkdir()
+    (work / "checkpoint.partial" / "edited_weights.safetensors").write_bytes(b"half")
     monkeypatch.setattr(nmke_module, "apply_nmke_to_model", counting)
     capsys.readouterr()
     resumed = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
@@ -148,6 +153,20 @@ def test_run_saves_between_checkpoints_and_resumes_there(tokenizer, corpus_file,
     for key in ("rel", "gen", "loc"):
         assert resumed.runs[-1][key] == pytest.approx(straight.runs[-1][key], abs=1e-6)
     assert resumed.immediate["rel"] == pytest.approx(straight.immediate["rel"], abs=1e-6)
+
+
+def test_interrupted_checkpoint_replacement_keeps_the_newest_complete_one(tmp_path):
+    from easyedit_nmke.evaluate.runner import _Checkpointer
+
+    from types import SimpleNamespace
+
+    checkpointer = _Checkpointer(tmp_path, method_spec("NMKE"), SimpleNamespace(to_dict=dict), [])
+    for name, done in (("checkpoint.old", 2), ("checkpoint.partial", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.json").write_text(json.dumps({"done": done}))
+    assert checkpointer.exists()  # killed after the old one was moved aside: the complete new one wins
+    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["done"] == 4
+    assert not (tmp_path / "checkpoint.partial").exists()
 
 
 def test_cli_overrides_and_hparams_loading():

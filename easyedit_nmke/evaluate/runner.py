@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -158,11 +160,32 @@ class _Checkpointer:
         digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
         self.fingerprint = digest.hexdigest()
 
+    # A checkpoint folder is complete once its progress.json exists: that file is written
+    # last, atomically. Replacing one goes new -> "checkpoint.partial", old "checkpoint" ->
+    # "checkpoint.old", partial -> "checkpoint", so a kill at any moment leaves a complete
+    # checkpoint under one of the three names (``_recover`` picks the newest).
+    _NAMES = ("checkpoint", "checkpoint.partial", "checkpoint.old")
+
+    def _recover(self) -> None:
+        """Put the newest complete checkpoint back under ``checkpoint`` after an interrupted save."""
+        final, partial, old = (self.directory / name for name in self._NAMES)
+        if (final / "progress.json").is_file():
+            return
+        for candidate in (partial, old):
+            if (candidate / "progress.json").is_file():
+                if final.exists():
+                    shutil.rmtree(final)
+                candidate.rename(final)
+                return
+
     def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
         if self.directory is None:
             return
-        tmp = self.directory / "checkpoint.partial"
-        tmp.mkdir(parents=True, exist_ok=True)
+        self._recover()
+        final, tmp, old = (self.directory / name for name in self._NAMES)
+        if tmp.exists():  # left by a save that was interrupted before it completed
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         weights = {
             name: nethook.get_parameter(model, name).detach().cpu().contiguous()
             for name in self.spec.edited_parameters(self.hparams)
@@ -178,16 +201,20 @@ class _Checkpointer:
             "result": result.to_dict(),
             "immediate_raw": result.immediate_raw,
         }
-        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
-        final = self.directory / "checkpoint"
+        (tmp / "progress.json.tmp").write_text(json.dumps(progress, indent=1))
+        os.replace(tmp / "progress.json.tmp", tmp / "progress.json")
+        if old.exists():
+            shutil.rmtree(old)
         if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def exists(self) -> bool:
-        return self.directory is not None and (self.directory / "checkpoint" / "progress.json").is_file()
+        if self.directory is None:
+            return False
+        self._recover()
+        return (self.directory / "checkpoint" / "progress.json").is_file()
 
     def restore(self, model: nn.Module, n_records: int):
         if not self.exists():
