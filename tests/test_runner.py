@@ -10,6 +10,7 @@ from easyedit_nmke.evaluate import metrics
 from easyedit_nmke.evaluate.records import DEMO_DATA, EditRecord, load_records, record_from_dict
 from easyedit_nmke.evaluate.runner import RESULT_KEYS, RunConfig, results_table, run_lifelong
 from easyedit_nmke.methods import load_hparams, method_spec
+from easyedit_nmke.util.hparams import HParamsError
 
 from conftest import REPO, SHARED_DATA, interrupted_on_call, smollm2_zsre_run, tiny_hparams, tiny_model
 
@@ -181,6 +182,11 @@ def test_cli_overrides_and_hparams_loading():
     assert parse_eval_at(None, 50) == [1, 10, 50]
     hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml", {"mask_mode": "none"})
     assert hp.mask_mode == "none"
+    # --set values go through the same typed checks as the file: "1e-3" is YAML 1.1's string.
+    hp = load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml", parse_overrides(["v_lr=1e-3", "layers=[4, 5]"]))
+    assert hp.v_lr == 0.001 and hp.layers == [4, 5]
+    with pytest.raises(HParamsError, match="v_num_grad_steps must be int"):
+        load_hparams(REPO / "hparams/NMKE/smollm2-135m.yaml", parse_overrides(["v_num_grad_steps=ten"]))
 
 
 @pytest.mark.integration
