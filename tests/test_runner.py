@@ -141,11 +141,6 @@ def test_run_saves_between_checkpoints_and_resumes_there(tokenizer, corpus_file,
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
     progress = json.loads((work / "checkpoint" / "progress.json").read_text())
     assert progress["done"] == 2 and progress["result"]["runs"] == []  # saved after edit 2, nothing evaluated yet
-    # Also killed in the middle of the next save: the complete checkpoint had been moved
-    # aside and the new one was half written. Resuming must find the complete one.
-    (work / "checkpoint").rename(work / "checkpoint.old")
-    (work / "checkpoint.partial").mkdir()
-    (work / "checkpoint.partial" / "edited_weights.safetensors").write_bytes(b"half")
     monkeypatch.setattr(nmke_module, "apply_nmke_to_model", counting)
     capsys.readouterr()
     resumed = run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
@@ -156,18 +151,85 @@ def test_run_saves_between_checkpoints_and_resumes_there(tokenizer, corpus_file,
     assert resumed.immediate["rel"] == pytest.approx(straight.immediate["rel"], abs=1e-6)
 
 
-def test_interrupted_checkpoint_replacement_keeps_the_newest_complete_one(tmp_path):
-    from easyedit_nmke.evaluate.runner import _Checkpointer
+class _Killed(BaseException):
+    pass
 
+
+def _checkpointer_for_kill_tests(directory):
     from types import SimpleNamespace
 
-    checkpointer = _Checkpointer(tmp_path, method_spec("NMKE"), SimpleNamespace(to_dict=dict), [])
-    for name, done in (("checkpoint.old", 2), ("checkpoint.partial", 4)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "progress.json").write_text(json.dumps({"done": done}))
-    assert checkpointer.exists()  # killed after the old one was moved aside: the complete new one wins
-    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["done"] == 4
-    assert not (tmp_path / "checkpoint.partial").exists()
+    from easyedit_nmke.evaluate.runner import _Checkpointer
+
+    spec = SimpleNamespace(edited_parameters=lambda hparams: [], save_state=lambda model, path: path.mkdir())
+    return _Checkpointer(directory, spec, SimpleNamespace(to_dict=dict), [])
+
+
+def _save(checkpointer, done):
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(to_dict=lambda: {"done": done}, immediate_raw=[])
+    checkpointer.save(torch.nn.Linear(1, 1), done, 0.0, result, [])
+
+
+@pytest.mark.parametrize("first_kill", range(12))
+def test_a_kill_anywhere_in_two_saves_keeps_the_newest_complete_checkpoint(first_kill, tmp_path, monkeypatch):
+    """Kill the k-th file operation of a save (and then of the next one): resume finds the newest
+    checkpoint whose progress.json was written, complete, under "checkpoint"."""
+    import os as os_module
+    import shutil as shutil_module
+    from pathlib import Path
+
+    counter = {"n": 0, "kill_at": -1}
+    newest = {"done": 1}
+
+    def killable(real, name):
+        def wrapped(*args, **kwargs):
+            if counter["n"] == counter["kill_at"]:
+                counter["n"] += 1
+                raise _Killed(name)
+            counter["n"] += 1
+            out = real(*args, **kwargs)
+            if name == "replace" and str(args[1]).endswith("progress.json"):
+                newest["done"] = json.loads(Path(args[1]).read_text())["done"]
+            return out
+
+        return wrapped
+
+    # Every rename, replace and deletion (also those inside rmtree) is a kill point.
+    operations = ("replace", "rename", "unlink", "rmdir")
+    for module, name in [(os_module, op) for op in operations] + [(shutil_module, "rmtree")]:
+        monkeypatch.setattr(module, name, killable(getattr(module, name), name))
+    monkeypatch.setattr(Path, "rename", lambda self, target: os_module.rename(self, target) or Path(target))
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (self.exists() or not missing_ok) and os_module.unlink(self))
+
+    work = tmp_path / "work"
+    _save(_checkpointer_for_kill_tests(work), 1)
+    for done, kill_at in ((2, first_kill), (3, 5)):  # a second interrupted save after resuming
+        counter["n"], counter["kill_at"] = 0, kill_at
+        try:
+            _save(_checkpointer_for_kill_tests(work), done)
+        except _Killed:
+            pass
+        counter["kill_at"] = -1
+        resumed = _checkpointer_for_kill_tests(work)
+        assert resumed.exists()
+        final = work / "checkpoint"
+        assert json.loads((final / "progress.json").read_text())["done"] == newest["done"]
+        for part in ("edited_weights.safetensors", "locality_reference.safetensors", "state"):
+            assert (final / part).exists(), part
+    assert {p.name for p in work.iterdir()} <= {"checkpoint", "checkpoint.partial", "checkpoint.old"}
+
+
+def test_move_checkpoints_collects_every_folder_into_a_new_one(tmp_path):
+    from easyedit_nmke.evaluate.runner import move_checkpoints
+
+    for name in ("checkpoint", "checkpoint.old"):
+        (tmp_path / "work" / name).mkdir(parents=True)
+    first = move_checkpoints(tmp_path / "work", tmp_path / "stale")
+    (tmp_path / "work" / "checkpoint").mkdir()
+    second = move_checkpoints(tmp_path / "work", tmp_path / "stale")  # same second: a new name
+    assert first != second and (first / "checkpoint.old").is_dir() and (second / "checkpoint").is_dir()
+    assert not any((tmp_path / "work").iterdir())
 
 
 def test_cli_overrides_and_hparams_loading():

@@ -387,9 +387,10 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     except ValueError as exc:
         if "belongs to another run" not in str(exc):
             raise
-        stale = work.with_name(f"{work.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        from .runner import move_checkpoints
+
+        stale = move_checkpoints(work, work.with_name(f"{work.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
         print(f"[bench] {name}: the checkpoint in {work} is from another configuration; moved to {stale}")
-        (work / "checkpoint").rename(stale)
         model = None
         gc.collect()
         return run_cell(method, dataset, config, single_method, model_loader)

@@ -148,6 +148,53 @@ def average(scores: Dict[str, Optional[float]], metric: str) -> Optional[float]:
     return float(sum(values) / len(values)) if values else None
 
 
+# A run's checkpoint folders. One is complete once its progress.json exists: that file is
+# written last and atomically, and deleted first when a folder is discarded. A save writes
+# "checkpoint.partial", then ``recover_checkpoint`` moves "checkpoint" aside to
+# "checkpoint.old", renames the partial in and discards the old one, so a kill at any
+# moment leaves the newest complete checkpoint where ``recover_checkpoint`` finds it.
+CHECKPOINT_NAMES = ("checkpoint", "checkpoint.partial", "checkpoint.old")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "progress.json").is_file()
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder; it stops counting as complete before anything else goes."""
+    if folder.exists():
+        (folder / "progress.json").unlink(missing_ok=True)
+        shutil.rmtree(folder)
+
+
+def recover_checkpoint(directory: Path) -> None:
+    """Put the newest complete checkpoint of ``directory`` under "checkpoint" (after an interrupted save)."""
+    final, partial, old = (directory / name for name in CHECKPOINT_NAMES)
+    if _complete(partial):
+        # Only the latest save leaves a complete partial (saves discard incomplete ones
+        # first), so it is newer than anything else here.
+        _discard(old)
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
+        _discard(old)
+    elif not _complete(final) and _complete(old):
+        _discard(final)
+        old.rename(final)
+
+
+def move_checkpoints(directory: Path, destination: Path) -> Path:
+    """Move all of ``directory``'s checkpoint folders into a new folder ``destination`` (made unique)."""
+    target, n = destination, 1
+    while target.exists():
+        target, n = destination.with_name(f"{destination.name}-{n}"), n + 1
+    target.mkdir(parents=True)
+    for name in CHECKPOINT_NAMES:
+        if (directory / name).exists():
+            (directory / name).rename(target / name)
+    return target
+
+
 class _Checkpointer:
     """Saves and restores everything a run needs to continue after an interruption."""
 
@@ -160,31 +207,15 @@ class _Checkpointer:
         digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
         self.fingerprint = digest.hexdigest()
 
-    # A checkpoint folder is complete once its progress.json exists: that file is written
-    # last, atomically. Replacing one goes new -> "checkpoint.partial", old "checkpoint" ->
-    # "checkpoint.old", partial -> "checkpoint", so a kill at any moment leaves a complete
-    # checkpoint under one of the three names (``_recover`` picks the newest).
-    _NAMES = ("checkpoint", "checkpoint.partial", "checkpoint.old")
-
     def _recover(self) -> None:
-        """Put the newest complete checkpoint back under ``checkpoint`` after an interrupted save."""
-        final, partial, old = (self.directory / name for name in self._NAMES)
-        if (final / "progress.json").is_file():
-            return
-        for candidate in (partial, old):
-            if (candidate / "progress.json").is_file():
-                if final.exists():
-                    shutil.rmtree(final)
-                candidate.rename(final)
-                return
+        recover_checkpoint(self.directory)
 
     def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
         if self.directory is None:
             return
         self._recover()
-        final, tmp, old = (self.directory / name for name in self._NAMES)
-        if tmp.exists():  # left by a save that was interrupted before it completed
-            shutil.rmtree(tmp)
+        tmp = self.directory / CHECKPOINT_NAMES[1]
+        _discard(tmp)  # an incomplete partial left by an interrupted save
         tmp.mkdir(parents=True)
         weights = {
             name: nethook.get_parameter(model, name).detach().cpu().contiguous()
@@ -202,19 +233,14 @@ class _Checkpointer:
             "immediate_raw": result.immediate_raw,
         }
         (tmp / "progress.json.tmp").write_text(json.dumps(progress, indent=1))
-        os.replace(tmp / "progress.json.tmp", tmp / "progress.json")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # now complete
+        self._recover()  # swaps it in
 
     def exists(self) -> bool:
         if self.directory is None:
             return False
         self._recover()
-        return (self.directory / "checkpoint" / "progress.json").is_file()
+        return _complete(self.directory / CHECKPOINT_NAMES[0])
 
     def restore(self, model: nn.Module, n_records: int):
         if not self.exists():
