@@ -123,7 +123,7 @@ def test_unreachable_corpus_falls_back_to_model_text(tokenizer, corpus_file, tmp
      ({"HF_HUB_OFFLINE": "true"}, False, False), ({"HF_DATASETS_OFFLINE": "1"}, True, False)],
 )
 def test_hub_reachable_reads_offline_flags_like_huggingface_hub(monkeypatch, env, reachable, datasets_reachable):
-    from easyedit_nmke.util.hub import hub_reachable
+    from easyedit_nmke.util.env import hub_reachable
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)

@@ -207,13 +207,10 @@ class _Checkpointer:
         digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
         self.fingerprint = digest.hexdigest()
 
-    def _recover(self) -> None:
-        recover_checkpoint(self.directory)
-
     def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
         if self.directory is None:
             return
-        self._recover()
+        recover_checkpoint(self.directory)
         tmp = self.directory / CHECKPOINT_NAMES[1]
         _discard(tmp)  # an incomplete partial left by an interrupted save
         tmp.mkdir(parents=True)
@@ -234,12 +231,12 @@ class _Checkpointer:
         }
         (tmp / "progress.json.tmp").write_text(json.dumps(progress, indent=1))
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # now complete
-        self._recover()  # swaps it in
+        recover_checkpoint(self.directory)  # swaps it in
 
     def exists(self) -> bool:
         if self.directory is None:
             return False
-        self._recover()
+        recover_checkpoint(self.directory)
         return _complete(self.directory / CHECKPOINT_NAMES[0])
 
     def restore(self, model: nn.Module, n_records: int):

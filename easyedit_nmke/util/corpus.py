@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .hub import hub_reachable
+from .env import hub_reachable
 
 MODEL_GENERATED = "model-generated"
 _SEED_PROMPTS = ["The", "In", "A", "It", "When", "This", "He", "She", "There", "One", "After", "According to"]

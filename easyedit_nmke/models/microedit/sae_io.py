@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ...util.hub import hub_reachable
+from ...util.env import hub_reachable
 from ...util.model_parts import ArchitectureError, num_layers
 from ...util.nethook import get_module
 

@@ -2,7 +2,6 @@
 from .nmke_hparams import NMKEHyperParams
 from .nmke_main import (
     apply_nmke_to_model,
-    detach_nmke_state,
     edited_parameter_names,
     execute_nmke,
     load_method_state,
@@ -13,7 +12,7 @@ from .nmke_main import (
     reset_nmke_state,
     save_method_state,
 )
-from .state import NMKEState, get_state
+from .state import NMKEState, detach_nmke_state, get_state
 
 __all__ = [
     "NMKEHyperParams",

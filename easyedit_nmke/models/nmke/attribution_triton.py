@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from ...util.env import env_flag
 
 __all__ = ["triton_available", "lse_update", "finish_lse", "fused_attribution_triton"]
 
@@ -44,7 +45,7 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return env_flag("TRITON_INTERPRET")
 
 
 @functools.lru_cache(maxsize=2)

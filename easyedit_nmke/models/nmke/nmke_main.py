@@ -68,7 +68,6 @@ from .state import (
     ReadoutCache,
     UndoRecord,
     attach_state,
-    detach_state,
     get_state,
     state_layers_match,
 )
@@ -523,11 +522,6 @@ def reset_nmke_state(model: nn.Module) -> None:
     state = get_state(model)
     if state is not None:
         state.reset()
-
-
-def detach_nmke_state(model: nn.Module) -> Optional[NMKEState]:
-    """Remove the lifelong state from ``model`` (for other edit layers); the next edit builds a new one."""
-    return detach_state(model)
 
 
 def edited_parameter_names(hparams: NMKEHyperParams) -> List[str]:

@@ -218,8 +218,9 @@ def attach_state(model: nn.Module, state: NMKEState) -> NMKEState:
     return state
 
 
-def detach_state(model: nn.Module) -> Optional[NMKEState]:
-    """Take the lifelong state off ``model`` (the weights keep their edits) and return it."""
+def detach_nmke_state(model: nn.Module) -> Optional[NMKEState]:
+    """Take the lifelong state off ``model`` and return it; the weights keep their edits, and the
+    next edit builds a new state (e.g. for other edit layers)."""
     return model.__dict__.pop(STATE_ATTRIBUTE, None)
 
 
