@@ -13,7 +13,8 @@ from pathlib import Path
 import easyedit_nmke
 from easyedit_nmke.compat import easyeditor_flavour, import_easyeditor
 from easyedit_nmke.models.nmke import NMKEHyperParams, get_state
-from easyedit_nmke.util.model_loader import cache_root, embedded_model_dir
+from easyedit_nmke.util.env import cache_root
+from easyedit_nmke.util.model_loader import embedded_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -250,7 +250,7 @@ def tuple_block_outputs() -> Iterator[None]:
 # Hyper-parameters
 # ----------------------------------------------------------------------------------
 def _stats_root() -> Path:
-    from ..util.model_loader import cache_root
+    from ..util.env import cache_root
 
     return cache_root() / "easyeditor_stats"
 

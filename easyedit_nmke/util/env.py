@@ -1,7 +1,8 @@
-"""Boolean environment variables, and whether the Hugging Face hub may be contacted."""
+"""Environment: boolean variables, the plugin's cache folder, whether the Hugging Face hub may be contacted."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub and Triton read boolean variables
 
@@ -19,3 +20,13 @@ def hub_reachable(datasets: bool = False) -> bool:
     if env_flag("HF_HUB_OFFLINE"):
         return False
     return not (datasets and env_flag("HF_DATASETS_OFFLINE"))
+
+
+def cache_root() -> Path:
+    """Directory for converted models, statistics and SAEs (``$EASYEDIT_NMKE_CACHE``)."""
+    env = os.environ.get("EASYEDIT_NMKE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "easyedit_nmke"

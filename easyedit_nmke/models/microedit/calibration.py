@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ...util import nethook
 from ...util.corpus import corpus_windows, resolve_corpus
-from ...util.model_loader import cache_root
+from ...util.env import cache_root
 from ...util.requests import pad_batch, pad_id
 from .activations import ordinary_positions
 from .microedit_hparams import MicroEditHyperParams

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from ...util.hparams import HParamsError, PluginHyperParams
-from ...util.model_loader import cache_root
+from ...util.env import cache_root
 
 SAE_FORMATS = ("auto", "sae_lens", "sparsify")
 

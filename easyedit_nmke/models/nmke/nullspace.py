@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from ...util import corpus as text_corpus
 from ...util import nethook
 from ...util.corpus import MAX_GENERATED_TEXTS, MODEL_GENERATED, generate_corpus  # noqa: F401  (re-exported)
-from ...util.model_loader import cache_root
+from ...util.env import cache_root
 from ...util.requests import pad_batch, pad_id
 from .nmke_hparams import NMKEHyperParams
 
