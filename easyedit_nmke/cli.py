@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_sae.add_argument("--force", action="store_true", help="replace an SAE already at the output folder")
     train_sae.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     train_sae.add_argument("--no-progress", action="store_true")
+    export = sub.add_parser(
+        "export-upstream",
+        help="add NMKE and MicroEdit to an EasyEdit checkout (method folders, registries, hparams), as an upstream PR",
+    )
+    export.add_argument("easyedit_root", type=Path, help="the EasyEdit checkout (the folder holding easyeditor/)")
+    export.add_argument(
+        "--hparams-dir", type=Path, default=None, help="the plugin's hparams/ folder (default: the source checkout's)"
+    )
     bench = sub.add_parser(
         "bench", help="lifelong benchmark: methods x datasets x checkpoints T, per-cell JSONs, table and plots"
     )
@@ -219,6 +227,22 @@ def run_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) ->
     return run_from_args(args, command="easyedit-nmke " + " ".join(words))
 
 
+def run_export_upstream(args: argparse.Namespace) -> List[str]:
+    """``easyedit-nmke export-upstream``: see :mod:`easyedit_nmke.upstream_export`."""
+    from .upstream_export import ExportError, plan_export
+
+    try:
+        plan = plan_export(args.easyedit_root, args.hparams_dir)
+    except ExportError as exc:
+        raise SystemExit(f"export-upstream: {exc}") from None
+    written = plan.write()
+    for rel in written:
+        print(("modified " if rel in plan.modified else "wrote    ") + rel)
+    print(f"{len(written)} of {len(plan.files)} files changed in {args.easyedit_root}"
+          + ("" if written else " (already exported)"))
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "edit":
@@ -227,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_train_sae(args, argv)
     elif args.command == "bench":
         run_bench(args, argv)
+    elif args.command == "export-upstream":
+        run_export_upstream(args)
     return 0
 
 

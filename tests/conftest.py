@@ -200,3 +200,45 @@ def smollm2_zsre_run(method: str, num_edits: int = 10, needs_wikitext: bool = Fa
     config = RunConfig(eval_at=[num_edits], progress=False)
     result = run_lifelong(model, tok, hparams, method_spec(method), records, config)
     return hparams, model, result.runs[-1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with a Llama-style (Metaspace BPE) tokenizer.
+
+    The directory name contains 'llama' because BaseEditor picks the model and
+    tokenizer classes from substrings of ``model_name``.  The tokenizer is built
+    so that ``LlamaTokenizer`` (what PyPI BaseEditor uses for 'llama') rebuilds
+    the very same pipeline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [
+        "The capital of France is Paris.",
+        "The Eiffel Tower is in Paris.",
+        "Danielle Darrieux's mother tongue is French.",
+        "Who is the president of the United States? Joe Biden.",
+        "English German French Italian Spanish Japanese.",
+        "The mother tongue of Thomas Joannes Stieltjes is Dutch.",
+    ] * 10
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
