@@ -2,26 +2,30 @@
 
 The method folders (``easyedit_nmke/models/<method>``) already follow EasyEdit's
 ``easyeditor/models/<method>`` layout; what they import from the rest of the plugin
-(edit requests, model parts, the text corpus, the hparams loader, the plugin's nethook)
-goes to one support package, ``easyeditor/util/nmke_common``, so nothing in the
-checkout imports ``easyedit_nmke``.  The checkout's registries get the methods the
-way upstream registers its own: explicit imports in ``easyeditor/models/__init__.py``,
-entries in ``ALG_DICT`` (``easyeditor/util/alg_dict.py``) and, for the batchable
-methods, in ``BatchEditor.is_batchable_method`` (``easyeditor/editors/batch_editor.py``).
-The hparams YAMLs go to ``hparams/<alg_name>/``, with the embedded models' names
-replaced by the hub repositories they were quantised from.
+(edit requests, model parts, the text corpus, the hparams loader, the plugin's hooks,
+environment settings) goes to one support package, ``easyeditor/util/nmke_common``, so
+nothing in the checkout imports ``easyedit_nmke``.  The checkout's registries get the
+methods: ``easyeditor/models/__init__.py`` imports each method's hparams class and apply
+function (by name: a star import would let the two folders' same-named helpers shadow
+each other), ``ALG_DICT`` (``easyeditor/util/alg_dict.py``) gets their entries,
+``BatchEditor.is_batchable_method`` (``easyeditor/editors/batch_editor.py``) the batchable
+ones, and ``requirements.txt`` (when there is one) SAE-Lens.  The hparams YAMLs for hub
+models go to ``hparams/<alg_name>/``; those of the plugin's embedded GGUF models are left
+out (upstream ``BaseEditor`` picks a model class from the model name and knows neither).
 
-Only ``from ...util`` / ``from ...compat`` import lines and ``easyedit_nmke.`` module
-paths in text are rewritten; everything else is copied byte for byte.  Every change
-is computed before anything is written, so an unrecognised checkout is refused
-unchanged, and exporting twice gives the same files.  The result targets upstream
-EasyEdit (GitHub main), whose ``BaseEditor`` restores weights only when
-``sequential_edit`` is false; the 2023 PyPI release is the plugin's business.
+Import lines that reach the plugin and ``easyedit_nmke.`` module paths in text are
+rewritten; the rest is copied unchanged.  Every relative import of the result is
+checked to resolve inside the checkout, every change is computed before anything is
+written (so an unrecognised checkout is refused unchanged), and exporting twice
+gives the same files.  The result targets upstream EasyEdit (GitHub main), whose
+``BaseEditor`` writes ``weights_copy`` back unless ``sequential_edit`` is set.
 """
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -30,12 +34,13 @@ import yaml
 
 from .methods import METHODS
 from .registration import BATCHABLE_METHODS
-from .util.model_loader import embedded_hub_id, is_embedded
+from .util.model_loader import is_embedded
 
 __all__ = ["ExportError", "ExportPlan", "plan_export", "export_to_easyedit", "SUPPORT_PACKAGE"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SUPPORT_PACKAGE = "nmke_common"  # easyeditor/util/<this>: helpers shared by the two method folders
+SAE_LENS_REQUIREMENT = "sae-lens>=6"  # MicroEdit's one dependency EasyEdit does not have
 
 # The support package's compat module.  In the plugin, ``easyedit_nmke.compat`` finds
 # EasyEdit's HyperParams without importing easyeditor and adapts the returned weights to
@@ -61,26 +66,32 @@ _SUPPORT_INIT = '''"""Helpers shared by NMKE (``easyeditor/models/nmke``) and Mi
 
 
 class ExportError(ValueError):
-    """The target is not an EasyEdit checkout this exporter understands, with the reason."""
+    """The export cannot be done as asked, with the reason; nothing has been written."""
 
 
 @dataclass
 class ExportPlan:
-    """Every file the export writes, relative to the checkout root, with its new content."""
+    """Every file the export writes or removes, relative to the checkout root."""
 
     root: Path
-    files: Dict[str, str] = field(default_factory=dict)
-    modified: List[str] = field(default_factory=list)  # existing registry files that change
+    files: Dict[str, str] = field(default_factory=dict)  # new content, "\n" line endings
+    newlines: Dict[str, str] = field(default_factory=dict)  # files kept with another line ending
+    modified: List[str] = field(default_factory=list)  # existing checkout files that change
+    removed: List[str] = field(default_factory=list)  # files of an earlier export no longer exported
 
     def write(self) -> List[str]:
-        """Write the files; return the paths whose content changed."""
+        """Write and remove the files; return the paths that changed."""
         changed = []
         for rel, text in sorted(self.files.items()):
             path = self.root / rel
-            if path.is_file() and path.read_text(encoding="utf-8") == text:
+            data = text.replace("\n", self.newlines.get(rel, "\n"))
+            if path.is_file() and path.read_bytes() == data.encode("utf-8"):
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            path.write_bytes(data.encode("utf-8"))
+            changed.append(rel)
+        for rel in self.removed:
+            (self.root / rel).unlink()
             changed.append(rel)
         return changed
 
@@ -90,15 +101,28 @@ class ExportPlan:
 
 def _method_folders() -> Dict[str, Path]:
     """alg_name -> the plugin's method folder (``easyedit_nmke/models/<name>``)."""
-    folders = {}
-    for alg_name, spec in METHODS.items():
-        module = spec.module  # "easyedit_nmke.models.nmke"
-        folders[alg_name] = PACKAGE_ROOT.joinpath(*module.split(".")[1:])
-    return folders
+    return {alg: PACKAGE_ROOT.joinpath(*spec.module.split(".")[1:]) for alg, spec in METHODS.items()}
 
 
-def _python_files(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.glob("*.py"))
+def _plugin_module_path(module: str) -> Path:
+    path = PACKAGE_ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    if not path.is_file():
+        raise ExportError(f"easyedit_nmke.{module} is imported as a module but is not one ({path} missing)")
+    return path
+
+
+def _plugin_import_target(node: ast.ImportFrom, where: str, path: Path) -> Optional[str]:
+    """The plugin module (``util``, ``util.x``, ``compat``) a relative import names, or None if local."""
+    depth = {"models": 3, "util": 2}[where]  # levels that reach easyedit_nmke/
+    if node.level > depth:
+        raise ExportError(f"{path}: relative import beyond the plugin package (level {node.level})")
+    if node.level == depth:
+        if not node.module:
+            raise ExportError(f"{path}: 'from {'.' * node.level} import ...' names no plugin module")
+        return node.module
+    if where == "util" and node.level == 1:
+        return f"util.{node.module}" if node.module else "util"
+    return None
 
 
 def _support_modules(method_files: Iterable[Path]) -> List[str]:
@@ -107,8 +131,7 @@ def _support_modules(method_files: Iterable[Path]) -> List[str]:
     queue: List[Tuple[Path, str]] = [(p, "models") for p in method_files]
     while queue:
         path, where = queue.pop()
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             absolute = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 absolute = [node.module]
@@ -116,87 +139,133 @@ def _support_modules(method_files: Iterable[Path]) -> List[str]:
                 raise ExportError(f"{path}: imports easyedit_nmke by name; use a relative import")
             if not isinstance(node, ast.ImportFrom):
                 continue
-            target = _plugin_import_target(node, where)
+            target = _plugin_import_target(node, where, path)
             if target is None:
                 continue
             modules = [target] if target != "util" else [f"util.{a.name}" for a in node.names]
             for module in modules:
-                known = module in needed
-                needed.add(module)
-                if known or module == "compat":  # compat is replaced, not copied
+                if module in needed:
                     continue
-                queue.append((PACKAGE_ROOT.joinpath(*module.split(".")).with_suffix(".py"), "util"))
+                needed.add(module)
+                if module != "compat":  # compat is replaced, not copied
+                    queue.append((_plugin_module_path(module), "util"))
     return sorted(needed)
-
-
-def _plugin_import_target(node: ast.ImportFrom, where: str) -> Optional[str]:
-    """The plugin module (``util``, ``util.x``, ``compat``) a relative import names, or None if local."""
-    depth = {"models": 3, "util": 2}[where]  # levels that reach easyedit_nmke/
-    if node.level == depth:
-        return node.module or None
-    if where == "util" and node.level == 1:
-        return f"util.{node.module}" if node.module else "util"
-    if node.level > depth:
-        raise ExportError(f"relative import beyond the plugin package: level {node.level} {node.module!r}")
-    return None
 
 
 # --------------------------------------------------------------------------- rewriting
 
-_FROM_LINE = re.compile(r"^(?P<indent>[ \t]*)from (?P<dots>\.+)(?P<module>[\w.]*) import ", re.MULTILINE)
 
+def _rewrite_imports(text: str, where: str, path: Path) -> str:
+    """Point a copied module's plugin imports at ``easyeditor.util.<SUPPORT_PACKAGE>``.
 
-def _rewrite_imports(text: str, where: str) -> str:
-    """Point a copied module's plugin imports at ``easyeditor.util.<SUPPORT_PACKAGE>``."""
-
-    def replace(match: "re.Match[str]") -> str:
-        indent, dots, module = match["indent"], match["dots"], match["module"]
-        level = len(dots)
-        if where == "models" and level == 3:
-            if module == "util":
-                new = f"...util.{SUPPORT_PACKAGE}"
-            elif module.startswith("util."):
-                new = f"...util.{SUPPORT_PACKAGE}.{module[len('util.'):]}"
-            elif module == "compat":
-                new = f"...util.{SUPPORT_PACKAGE}.compat"
-            else:
-                raise ExportError(f"cannot place the plugin module {module!r} in EasyEdit")
-        elif where == "util" and level == 2:
-            if module != "compat":
-                raise ExportError(f"cannot place the plugin module {module!r} in EasyEdit")
-            new = ".compat"
-        else:
-            return match.group(0)
-        return f"{indent}from {new} import "
-
-    text = _FROM_LINE.sub(replace, text)
+    Works on the tokens, so continuation lines, ``;`` and one-line ``if`` bodies are
+    handled like any other ``from ... import``.
+    """
+    tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    lines = text.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    edits: List[Tuple[int, int, str]] = []
+    for i, token in enumerate(tokens):
+        if token.type != tokenize.NAME or token.string != "from":
+            continue
+        j, dots = i + 1, 0
+        while j < len(tokens) and tokens[j].type == tokenize.OP and set(tokens[j].string) == {"."}:
+            dots += len(tokens[j].string)
+            j += 1
+        if dots == 0:
+            continue
+        names = []
+        k = j
+        while k < len(tokens) and not (tokens[k].type == tokenize.NAME and tokens[k].string == "import"):
+            if tokens[k].type not in (tokenize.NAME, tokenize.OP, tokenize.NL) or (
+                tokens[k].type == tokenize.OP and tokens[k].string != "."
+            ):
+                break
+            if tokens[k].type == tokenize.NAME:
+                names.append(tokens[k].string)
+            k += 1
+        module = ".".join(names)
+        new = _rewritten_module(dots, module, where, path)
+        if new is None:
+            continue
+        start = offsets[tokens[i + 1].start[0] - 1] + tokens[i + 1].start[1]
+        end = offsets[tokens[k - 1].end[0] - 1] + tokens[k - 1].end[1] if k > j else offsets[
+            tokens[j - 1].end[0] - 1
+        ] + tokens[j - 1].end[1]
+        edits.append((start, end, new))
+    for start, end, new in reversed(edits):
+        text = text[:start] + new + text[end:]
     # Module paths named in docstrings and strings (e.g. a trained SAE's metadata).
     text = text.replace("easyedit_nmke.models.", "easyeditor.models.")
     text = text.replace("easyedit_nmke.util.", f"easyeditor.util.{SUPPORT_PACKAGE}.")
     return text.replace("easyedit_nmke.compat", f"easyeditor.util.{SUPPORT_PACKAGE}.compat")
 
 
-def _export_yaml(text: str, source: Path) -> str:
-    """An hparams YAML for upstream: embedded model names become hub repositories."""
+def _rewritten_module(level: int, module: str, where: str, path: Path) -> Optional[str]:
+    """The new ``from`` target of a plugin import, or None for a local one."""
+    if where == "models" and level == 3:
+        if module == "util" or module.startswith("util."):
+            return f"...util.{SUPPORT_PACKAGE}{module[len('util'):]}"
+        if module == "compat":
+            return f"...util.{SUPPORT_PACKAGE}.compat"
+        raise ExportError(f"{path}: cannot place the plugin module {module or '(package root)'!r} in EasyEdit")
+    if where == "util" and level == 2:
+        if module != "compat":
+            raise ExportError(f"{path}: cannot place the plugin module {module or '(package root)'!r} in EasyEdit")
+        return ".compat"
+    return None
+
+
+def _check_imports_resolve(plan_files: Dict[str, str], root: Path) -> None:
+    """Every relative import of an exported module names a module of the checkout or of the export."""
+
+    def is_module(folder: Path) -> bool:
+        rels = (f"{folder.as_posix()}.py", f"{folder.as_posix()}/__init__.py")
+        return any(rel in plan_files or (root / rel).is_file() for rel in rels)
+
+    for rel, text in plan_files.items():
+        if not rel.endswith(".py") or not rel.startswith("easyeditor/"):
+            continue
+        for node in ast.walk(ast.parse(text, filename=rel)):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = Path(rel).parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            statement = f"'from {'.' * node.level}{node.module or ''} import ...'"
+            if not base.parts or base.parts[0] != "easyeditor":
+                raise ExportError(f"{rel}: {statement} leaves the easyeditor package")
+            if node.module:
+                targets = [base.joinpath(*node.module.split("."))]
+            else:  # from . import a, b: submodules
+                targets = [base / a.name for a in node.names]
+            for target in targets:
+                if not is_module(target):
+                    raise ExportError(f"{rel}: {statement} does not resolve inside the checkout ({target})")
+
+
+def _export_yaml(text: str, source: Path) -> Optional[str]:
+    """An hparams YAML for upstream, or None for one naming an embedded model (left out)."""
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ExportError(f"{source}: not valid YAML ({exc})") from None
     name = config.get("model_name") if isinstance(config, dict) else None
-    if not isinstance(name, str) or not is_embedded(name):
-        return text
-    hub_id = embedded_hub_id(name)
-    line = re.compile(r"^model_name:.*$", re.MULTILINE)
-    if len(line.findall(text)) != 1:
-        raise ExportError(f"{source}: expected one top-level 'model_name:' line")
-    note = (
-        f"# model_name: the plugin loads {name!r} from its GGUF wheel (Q4 weights dequantised to fp32);\n"
-        f"# in EasyEdit it is the hub model the GGUF was made from.\n"
-    )
-    return line.sub(lambda _: note + f"model_name: {hub_id}", text)
+    if isinstance(name, str) and is_embedded(name):
+        return None
+    return text
 
 
 # --------------------------------------------------------------------------- registries
+
+
+def _line_offsets(text: str) -> List[int]:
+    offsets = [0]
+    for line in text.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line))
+    return offsets
 
 
 def _models_init(text: str, exports: Sequence[Tuple[str, str, str]]) -> str:
@@ -209,36 +278,69 @@ def _models_init(text: str, exports: Sequence[Tuple[str, str, str]]) -> str:
 
 
 def _alg_dict(text: str, exports: Sequence[Tuple[str, str, str]], alg_names: Sequence[str], path: str) -> str:
+    """``alg_dict.py`` importing the apply functions and listing them in the ``ALG_DICT`` literal."""
+    try:
+        tree = ast.parse(text, filename=path)
+    except SyntaxError as exc:
+        raise ExportError(f"{path} does not parse ({exc.msg}, line {exc.lineno})") from None
     imports = [f"from ..models.{folder} import {hparams}, {apply}" for folder, hparams, apply in exports]
-    entries = [f'    "{alg}": {apply},' for alg, (_, _, apply) in zip(alg_names, exports)]
-    lines = text.splitlines()
-    new_imports = [line for line in imports if line not in lines]
+    new_imports = [line for line in imports if line not in text.splitlines()]
     if new_imports:
-        last = max((i for i, line in enumerate(lines) if line.startswith("from ..models.")), default=None)
-        if last is None:
-            raise ExportError(f"{path}: no 'from ..models.' import lines to add the methods' imports after")
-        lines[last + 1 : last + 1] = new_imports
-    text = "\n".join(lines) + "\n"
-    match = re.search(r"^ALG_DICT\s*=\s*\{(?P<body>.*?)^\}", text, re.DOTALL | re.MULTILINE)
-    if match is None:
-        raise ExportError(f"{path}: no 'ALG_DICT = {{ ... }}' literal closed by a '}}' line")
-    body = match["body"]
-    new_entries = [e for e, alg in zip(entries, alg_names) if not re.search(rf"""["']{re.escape(alg)}["']\s*:""", body)]
-    if not new_entries:
+        model_imports = [
+            n for n in tree.body if isinstance(n, ast.ImportFrom) and n.level == 2 and (n.module or "").startswith("models.")
+        ]
+        if not model_imports:
+            raise ExportError(f"{path}: no 'from ..models.<method> import ...' lines to add the methods' imports after")
+        end = _line_offsets(text)[model_imports[-1].end_lineno]
+        text = text[:end] + "".join(line + "\n" for line in new_imports) + text[end:]
+        tree = ast.parse(text, filename=path)
+    literal = next(
+        (
+            n.value
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "ALG_DICT" for t in n.targets)
+            and isinstance(n.value, ast.Dict)
+        ),
+        None,
+    )
+    if literal is None:
+        raise ExportError(f"{path}: no 'ALG_DICT = {{ ... }}' dict literal to add the methods to")
+    present = {k.value for k in literal.keys if isinstance(k, ast.Constant)}
+    entries = [f'"{alg}": {apply},' for alg, (_, _, apply) in zip(alg_names, exports) if alg not in present]
+    if not entries:
         return text
-    stripped = body.rstrip()
-    if stripped and not stripped.endswith((",", "{")):
-        stripped += ","
-    body = stripped + "\n" + "\n".join(new_entries) + "\n"
-    return text[: match.start("body")] + body + text[match.end("body") :]
+    offsets = _line_offsets(text)
+    close = offsets[literal.end_lineno - 1] + literal.end_col_offset - 1  # the closing brace
+    if literal.values:
+        last = literal.values[-1]
+        after_last = offsets[last.end_lineno - 1] + last.end_col_offset
+        between = re.sub(r"#[^\n]*", "", text[after_last:close])
+        first_key = literal.keys[0]
+        indent = " " * first_key.col_offset if first_key is not None else "    "
+    else:
+        after_last, between, indent = close, ",", "    "
+    brace_line_start = offsets[literal.end_lineno - 1]
+    brace_alone = text[brace_line_start:close].strip() == ""
+    block = "".join(f"{indent}{entry}\n" for entry in entries)
+    if brace_alone:
+        text = text[:brace_line_start] + block + text[brace_line_start:]
+    else:
+        text = text[:close] + "\n" + block + text[close:]
+    if "," not in between:
+        text = text[:after_last] + "," + text[after_last:]
+    return text
 
 
 def _batch_editor(text: str, alg_names: Sequence[str], path: str) -> str:
+    """``batch_editor.py`` with an enum member and an ``is_batchable_method`` clause per method."""
     for alg in alg_names:
         member = re.sub(r"\W", "_", alg).upper()
         if re.search(rf"BatchEditor\.{member}\.value", text):
             continue
-        members = list(re.finditer(r"^(?P<indent>[ \t]+)\w+ = (?P<quote>['\"])[^'\"]*['\"][ \t]*$", text, re.MULTILINE))
+        members = list(
+            re.finditer(r"^(?P<indent>[ \t]+)\w+ = (?P<quote>['\"])[^'\"]*['\"][ \t]*(#[^\n]*)?$", text, re.MULTILINE)
+        )
         chain = re.search(
             r"return alg_name == BatchEditor\.\w+\.value(?:[ \t]*\\\n[ \t]*or alg_name == BatchEditor\.\w+\.value)*",
             text,
@@ -258,20 +360,35 @@ def _batch_editor(text: str, alg_names: Sequence[str], path: str) -> str:
         )
         last = members[-1]
         quote = last["quote"]
-        text = text[: last.end()] + f"\n{indent}{member} = {quote}{alg}{quote}" + text[last.end() :]
+        end = text.index("\n", last.start()) if "\n" in text[last.start() :] else len(text)
+        text = text[:end] + f"\n{indent}{member} = {quote}{alg}{quote}" + text[end:]
     return text
+
+
+def _requirements(text: str) -> str:
+    if re.search(r"^\s*sae[-_]lens\b", text, re.MULTILINE | re.IGNORECASE):
+        return text
+    return text.rstrip("\n") + "\n" + SAE_LENS_REQUIREMENT + "\n"
 
 
 # --------------------------------------------------------------------------- plan
 
 
+def _read_keeping_newlines(path: Path) -> Tuple[str, str]:
+    """(text with "\\n" line endings, the file's own line ending)."""
+    raw = path.read_bytes().decode("utf-8")
+    newline = "\r\n" if "\r\n" in raw else "\n"
+    return raw.replace("\r\n", "\n"), newline
+
+
 def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
-    """Everything the export would write into the EasyEdit checkout at ``root``.
+    """Everything the export would write into (or remove from) the EasyEdit checkout at ``root``.
 
     Raises:
         ExportError: ``root`` is not an EasyEdit checkout (no ``easyeditor/models/__init__.py``,
             ``easyeditor/util/alg_dict.py``, ``easyeditor/editors/batch_editor.py``), its
-            registries have an unexpected shape, or the hparams folder is missing.
+            registries have an unexpected shape, a target path is blocked by a file, or the
+            plugin's hparams folder is missing (it is in the source checkout, not the wheel).
     """
     root = Path(root)
     package = root / "easyeditor"
@@ -289,58 +406,80 @@ def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
     exports: List[Tuple[str, str, str]] = []
     alg_names: List[str] = []
     method_files: List[Path] = []
+    owned_folders = [f"easyeditor/util/{SUPPORT_PACKAGE}"]
     for alg_name, folder in _method_folders().items():
         spec = METHODS[alg_name]
         exports.append((folder.name, spec.hparams_class, spec.apply_function))
         alg_names.append(alg_name)
-        for path in _python_files(folder):
+        owned_folders.append(f"easyeditor/models/{folder.name}")
+        for path in sorted(folder.glob("*.py")):
             method_files.append(path)
-            rel = f"easyeditor/models/{folder.name}/{path.name}"
-            plan.files[rel] = _rewrite_imports(path.read_text(encoding="utf-8"), "models")
+            plan.files[f"easyeditor/models/{folder.name}/{path.name}"] = _rewrite_imports(
+                path.read_text(encoding="utf-8"), "models", path
+            )
         yaml_dir = hparams_dir / alg_name
         if not yaml_dir.is_dir():
-            raise ExportError(f"hparams folder {yaml_dir} not found (pass the plugin checkout's hparams/)")
+            raise ExportError(
+                f"hparams folder {yaml_dir} not found: run the export from a source checkout of "
+                f"easyedit-nmke or pass its hparams/ folder (--hparams-dir)"
+            )
         for path in sorted(yaml_dir.glob("*.yaml")):
-            plan.files[f"hparams/{alg_name}/{path.name}"] = _export_yaml(path.read_text(encoding="utf-8"), path)
+            text = _export_yaml(path.read_text(encoding="utf-8"), path)
+            if text is not None:
+                plan.files[f"hparams/{alg_name}/{path.name}"] = text
 
     support = f"easyeditor/util/{SUPPORT_PACKAGE}"
     plan.files[f"{support}/__init__.py"] = _SUPPORT_INIT
+    plan.files[f"{support}/compat.py"] = _UPSTREAM_COMPAT
     for module in _support_modules(method_files):
-        if module == "compat":
-            plan.files[f"{support}/compat.py"] = _UPSTREAM_COMPAT
-            continue
-        source = PACKAGE_ROOT.joinpath(*module.split(".")).with_suffix(".py")
-        plan.files[f"{support}/{module.split('.', 1)[1]}.py"] = _rewrite_imports(
-            source.read_text(encoding="utf-8"), "util"
-        )
-    if f"{support}/compat.py" not in plan.files:  # util.hparams reaches it only via a relative import
-        plan.files[f"{support}/compat.py"] = _UPSTREAM_COMPAT
+        if module != "compat":
+            source = _plugin_module_path(module)
+            plan.files[f"{support}/{module.split('.', 1)[1]}.py"] = _rewrite_imports(
+                source.read_text(encoding="utf-8"), "util", source
+            )
 
     batchable = [alg for alg in alg_names if alg in BATCHABLE_METHODS]
-    for key, path in registries.items():
-        rel = str(path.relative_to(root))
-        text = path.read_text(encoding="utf-8")
+    edits = dict(registries)
+    if (root / "requirements.txt").is_file():
+        edits["requirements"] = root / "requirements.txt"
+    for key, path in edits.items():
+        rel = path.relative_to(root).as_posix()
+        text, newline = _read_keeping_newlines(path)
         if key == "models":
             new = _models_init(text, exports)
         elif key == "alg_dict":
             new = _alg_dict(text, exports, alg_names, rel)
-        else:
+        elif key == "batch":
             new = _batch_editor(text, batchable, rel)
+        else:
+            new = _requirements(text)
         if new != text:
             plan.modified.append(rel)
         plan.files[rel] = new
+        plan.newlines[rel] = newline
+
     for rel, text in plan.files.items():
         if rel.endswith(".py"):
             try:
                 ast.parse(text, filename=rel)
             except SyntaxError as exc:  # a registry with a shape the edits above got wrong
                 raise ExportError(f"{rel}: the exported file would not parse ({exc.msg}, line {exc.lineno})") from None
+    _check_imports_resolve(plan.files, root)
+    for rel in plan.files:  # a file where a folder must go would fail half-way through writing
+        for parent in Path(rel).parents:
+            if parent != Path(".") and (root / parent).exists() and not (root / parent).is_dir():
+                raise ExportError(f"{root / parent} is a file, but the export writes {rel} inside it")
+    for folder in owned_folders:  # modules an earlier export wrote that no longer exist
+        for path in sorted((root / folder).glob("*.py")) if (root / folder).is_dir() else []:
+            rel = path.relative_to(root).as_posix()
+            if rel not in plan.files:
+                plan.removed.append(rel)
     return plan
 
 
 def export_to_easyedit(root: Path, hparams_dir: Optional[Path] = None) -> List[str]:
-    """Add NMKE and MicroEdit to the EasyEdit checkout at ``root``; return the files written.
+    """Add NMKE and MicroEdit to the EasyEdit checkout at ``root``; return the files changed.
 
-    Idempotent: a second export writes nothing.  See :func:`plan_export` for the errors.
+    Idempotent: a second export changes nothing.  See :func:`plan_export` for the errors.
     """
     return plan_export(root, hparams_dir).write()

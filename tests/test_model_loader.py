@@ -60,7 +60,7 @@ def _fake_assembling_package(monkeypatch, produce):
     spec.submodule_search_locations = ["fake_gguf_wheel"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "fake_gguf_wheel" else real_find_spec(name, *a))
     monkeypatch.setattr(importlib, "import_module", lambda name, *a: module if name == "fake_gguf_wheel" else real_import(name, *a))
-    return model_loader.EmbeddedModel("fake_gguf_wheel", "model.gguf", "pip install fake", hub_id="fake/model", assembled=True)
+    return model_loader.EmbeddedModel("fake_gguf_wheel", "model.gguf", "pip install fake", assembled=True)
 
 
 def test_assembled_file_goes_to_the_plugin_cache(monkeypatch, tmp_path):
@@ -83,10 +83,3 @@ def test_assembly_that_produces_nothing_is_a_clear_error(monkeypatch, tmp_path):
     embedded = _fake_assembling_package(monkeypatch, lambda output_path=None: None)
     with pytest.raises(FileNotFoundError, match="did not produce model.gguf"):
         model_loader._locate_gguf(embedded)
-
-
-def test_embedded_models_name_their_hub_repositories():
-    assert model_loader.embedded_hub_id("SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert model_loader.embedded_hub_id("gemma3-270m") == "google/gemma-3-270m"
-    with pytest.raises(KeyError):
-        model_loader.embedded_hub_id("meta-llama/Meta-Llama-3-8B")

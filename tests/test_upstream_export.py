@@ -95,19 +95,24 @@ def test_export_registers_the_methods_in_the_registry_files(easyedit_checkout):
     assert "or alg_name == BatchEditor.NMKE.value" in batch and "MicroEdit" not in batch
 
 
-def test_exported_hparams_name_hub_models(easyedit_checkout):
+def test_exported_hparams_are_the_hub_model_ones(easyedit_checkout):
     export_to_easyedit(easyedit_checkout)
-    smollm2 = yaml.safe_load((easyedit_checkout / "hparams" / "NMKE" / "smollm2-135m.yaml").read_text())
-    assert smollm2["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    original = yaml.safe_load((REPO / "hparams" / "NMKE" / "smollm2-135m.yaml").read_text())
-    assert {k: v for k, v in smollm2.items() if k != "model_name"} == {
-        k: v for k, v in original.items() if k != "model_name"
-    }
-    llama = (easyedit_checkout / "hparams" / "NMKE" / "llama3-8b.yaml").read_text()
-    assert llama == (REPO / "hparams" / "NMKE" / "llama3-8b.yaml").read_text()  # hub ids stay as they are
-    gemma = yaml.safe_load((easyedit_checkout / "hparams" / "NMKE" / "gemma3-270m.yaml").read_text())
-    assert gemma["model_name"] == "google/gemma-3-270m"
-    assert (easyedit_checkout / "hparams" / "MicroEdit" / "smollm2-135m.yaml").is_file()
+    for method in ("NMKE", "MicroEdit"):
+        exported = sorted(p.name for p in (easyedit_checkout / "hparams" / method).glob("*.yaml"))
+        assert exported == ["gpt2-xl.yaml", "llama3-8b.yaml", "mistral-7b.yaml", "qwen2.5-7b.yaml"]
+        for name in exported:  # copied unchanged
+            assert (easyedit_checkout / "hparams" / method / name).read_bytes() == (REPO / "hparams" / method / name).read_bytes()
+    # SmolLM2 / Gemma-3 name the plugin's embedded GGUF models, which upstream BaseEditor cannot load by name
+    assert not (easyedit_checkout / "hparams" / "NMKE" / "smollm2-135m.yaml").exists()
+
+
+def test_requirements_get_sae_lens_once(easyedit_checkout):
+    requirements = easyedit_checkout / "requirements.txt"
+    requirements.write_text("torch\nhigher\n")
+    export_to_easyedit(easyedit_checkout)
+    assert requirements.read_text() == "torch\nhigher\nsae-lens>=6\n"
+    export_to_easyedit(easyedit_checkout)
+    assert requirements.read_text().count("sae-lens") == 1
 
 
 def test_export_is_idempotent(easyedit_checkout):
@@ -129,9 +134,9 @@ def test_not_an_easyedit_checkout_is_refused_unchanged(tmp_path):
 
 def test_unrecognised_registry_is_refused_before_anything_is_written(easyedit_checkout):
     alg_dict = easyedit_checkout / "easyeditor" / "util" / "alg_dict.py"
-    alg_dict.write_text(alg_dict.read_text().replace("ALG_DICT = {", "ALG_DICT = dict(").replace("\n}\n", "\n)\n", 1))
+    alg_dict.write_text(alg_dict.read_text().replace("ALG_DICT = {", "ALG_DICT = dict({").replace("\n}\n", "\n})\n", 1))
     before = _snapshot(easyedit_checkout)
-    with pytest.raises(ExportError, match=r"alg_dict.py: no 'ALG_DICT = \{ \.\.\. \}' literal"):
+    with pytest.raises(ExportError, match=r"alg_dict.py: no 'ALG_DICT = \{ \.\.\. \}' dict literal"):
         plan_export(easyedit_checkout)
     with pytest.raises(ExportError):
         export_to_easyedit(easyedit_checkout)
@@ -146,6 +151,78 @@ def test_cli_export_upstream(easyedit_checkout, capsys):
     assert "(already exported)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="export-upstream: .* is not an EasyEdit checkout"):
         cli_main(["export-upstream", str(easyedit_checkout / "easyeditor")])
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["indented closing brace", "commented-out entry", "comment after the last entry", "empty dict", "CRLF"],
+)
+def test_alg_dict_shapes(easyedit_checkout, variant):
+    alg_dict = easyedit_checkout / "easyeditor" / "util" / "alg_dict.py"
+    text = alg_dict.read_text()
+    body_start = text.index("ALG_DICT = {")
+    body_end = text.index("\n}\n", body_start)
+    if variant == "indented closing brace":
+        text = text[:body_end] + "\n    }\n" + text[body_end + 3 :]
+    elif variant == "commented-out entry":
+        text = text[:body_end] + '\n    # "NMKE": apply_nmke_to_model,' + text[body_end:]
+    elif variant == "comment after the last entry":
+        text = text[:body_end].rstrip().rstrip(",") + "  # the last one" + text[body_end:]
+    elif variant == "empty dict":
+        text = text[:body_start] + "ALG_DICT = {\n}\n" + text[body_end + 3 :]
+    alg_dict.write_bytes(text.replace("\n", "\r\n").encode() if variant == "CRLF" else text.encode())
+    export_to_easyedit(easyedit_checkout)
+    raw = alg_dict.read_bytes().decode()
+    if variant == "CRLF":
+        assert raw.count("\n") == raw.count("\r\n")  # the file keeps its line endings
+    tree = ast.parse(raw)
+    (literal,) = [
+        n.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "ALG_DICT"
+    ]
+    keys = [k.value for k in literal.keys]
+    assert keys.count("NMKE") == 1 and keys.count("MicroEdit") == 1, keys
+    assert [ast.unparse(v) for v in literal.values][-2:] == ["apply_nmke_to_model", "apply_microedit_to_model"]
+    assert export_to_easyedit(easyedit_checkout) == []
+
+
+def test_import_rewriting_handles_every_spelling(tmp_path):
+    from easyedit_nmke.upstream_export import _rewrite_imports
+
+    source = (
+        "import os; from ...util.env import cache_root\n"
+        "from ...util \\\n    import nethook\n"
+        "if True: from ...util.requests import EditRequest\n"
+        "from ...util.model_parts import (\n    num_layers,\n)\n"
+        "from .local import thing\n"
+        "def f():\n    from ...compat import weights_copy_for_easyeditor\n"
+        "X = 'see easyedit_nmke.util.corpus'\n"
+    )
+    out = _rewrite_imports(source, "models", tmp_path / "m.py")
+    assert "import os; from ...util.nmke_common.env import cache_root" in out
+    assert "from ...util.nmke_common \\\n    import nethook" in out
+    assert "if True: from ...util.nmke_common.requests import EditRequest" in out
+    assert "from ...util.nmke_common.model_parts import (" in out
+    assert "from .local import thing" in out
+    assert "from ...util.nmke_common.compat import weights_copy_for_easyeditor" in out
+    assert "easyeditor.util.nmke_common.corpus" in out and "easyedit_nmke" not in out
+    with pytest.raises(ExportError, match="cannot place the plugin module 'evaluate'"):
+        _rewrite_imports("from ...evaluate import runner\n", "models", tmp_path / "m.py")
+
+
+def test_a_file_in_the_way_is_refused_before_anything_is_written(easyedit_checkout):
+    (easyedit_checkout / "hparams").write_text("not a folder")
+    before = _snapshot(easyedit_checkout)
+    with pytest.raises(ExportError, match="hparams is a file"):
+        export_to_easyedit(easyedit_checkout)
+    assert _snapshot(easyedit_checkout) == before
+
+
+def test_modules_of_an_earlier_export_that_no_longer_exist_are_removed(easyedit_checkout):
+    export_to_easyedit(easyedit_checkout)
+    stale = easyedit_checkout / "easyeditor" / "models" / "nmke" / "old_module.py"
+    stale.write_text("x = 1\n")
+    assert export_to_easyedit(easyedit_checkout) == ["easyeditor/models/nmke/old_module.py"]
+    assert not stale.exists()
 
 
 # ----------------------------------------------------------------------------------
@@ -198,6 +275,12 @@ report["nmke"] = {
     "changed": changed,
     "num_edits": nmke_state(editor.model).num_edits,
 }
+if sequential:  # upstream's default, sequential_edit=False: each edit's weights are written back
+    editor = BaseEditor(nmke_hparams)
+    editor.edit(**requests)
+    report["nmke"]["changed_not_sequential"] = sorted(
+        n for n, p in editor.model.named_parameters() if not torch.equal(p, originals[n])
+    )
 
 torch.manual_seed(0)
 sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=32, d_sae=64, k=4, dtype="float32", device="cpu"))
@@ -248,16 +331,17 @@ def _tiny_yamls(checkout: Path, model_dir: Path, work: Path) -> Dict[str, str]:
     """The exported SmolLM2 YAMLs, shrunk to the 2-layer test Llama and a local corpus."""
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(f"Line {i}: the capital of France is Paris, the Eiffel Tower is in Paris." for i in range(64)))
-    nmke = yaml.safe_load((checkout / "hparams" / "NMKE" / "smollm2-135m.yaml").read_text())
+    nmke = yaml.safe_load((checkout / "hparams" / "NMKE" / "llama3-8b.yaml").read_text())
     nmke.update(
-        model_name=str(model_dir), layers=[0, 1], v_num_grad_steps=3, v_loss_layer=1, mom2_dataset=str(corpus),
+        model_name=str(model_dir), device="cpu", layers=[0, 1], v_num_grad_steps=3, v_lr=1.0, v_loss_layer=1,
+        L2=1.0, mom2_dataset=str(corpus),
         mom2_n_samples=32, mom2_max_length=32, stats_dir=str(work / "stats"),
         context_template_length_params=[[5, 2]], batch_size=1,
     )
-    micro = yaml.safe_load((checkout / "hparams" / "MicroEdit" / "smollm2-135m.yaml").read_text())
-    micro = {k: v for k, v in micro.items() if not k.startswith("sae_train_")}
+    micro = yaml.safe_load((checkout / "hparams" / "MicroEdit" / "llama3-8b.yaml").read_text())
+    micro.pop("sae_k", None)
     micro.update(
-        model_name=str(model_dir), layers=[1], sae_path=str(work / "sae"), sae_format="sae_lens",
+        model_name=str(model_dir), device="cpu", layers=[1], sae_path=str(work / "sae"), sae_format="sae_lens",
         ard_threshold=1e9, ard_alpha=1.0, edit_lr=5e-2, stage1_steps=2, stage2_steps=5, rehearsal_edits=1,
     )
     paths = {}
@@ -319,7 +403,12 @@ def _check_same_weights_as_the_plugin(args: dict, work: Path) -> None:
     model, tok = fresh()
     for request in args["requests"]:
         apply_microedit_to_model(model, tok, [request], micro)
-    assert torch.equal(microedit_state(model).sae.W_dec, exported["microedit.W_dec"])
+    state = microedit_state(model)
+    edited = state.edited_latents()
+    assert len(edited) and not torch.equal(
+        state.sae.W_dec[edited], torch.stack([state.original_rows[i] for i in edited.tolist()])
+    )  # the edits moved decoder rows
+    assert torch.equal(state.sae.W_dec, exported["microedit.W_dec"])
 
 
 def _check_report(report: dict) -> None:
@@ -350,3 +439,4 @@ def test_exported_methods_run_in_upstream_easyedit_without_the_plugin(tiny_llama
     # sequential_edit=True: both edits stay in the model and in the lifelong state
     assert report["nmke"]["changed"] == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
     assert report["nmke"]["num_edits"] == 2 and report["microedit"]["num_edits"] == 2
+    assert report["nmke"]["changed_not_sequential"] == []

@@ -17,12 +17,10 @@ from typing import Any, Dict, Tuple, Type, TypeVar, Union
 
 import yaml
 
-try:  # Subclass EasyEdit's base when it is importable, so isinstance checks there pass.
-    from ..compat import easyeditor_base_hparams
+from ..compat import easyeditor_base_hparams
 
-    _Base = easyeditor_base_hparams()
-except Exception:  # pragma: no cover - easyeditor is optional
-    _Base = None
+# Subclass EasyEdit's base when it is importable, so isinstance checks there pass.
+_Base = easyeditor_base_hparams()
 
 if _Base is None:
 

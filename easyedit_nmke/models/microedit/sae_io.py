@@ -59,9 +59,10 @@ class SAEError(ValueError):
 
 def _how_to_get_one() -> str:
     return (
-        "get one by training it on the model (`easyedit-nmke train-sae --hparams <this hparams YAML>`, "
-        "which needs sae_train_d_sae and sae_train_k), by putting a SAE-Lens or EleutherAI sparsify folder "
-        "at sae_path, or by setting sae_release/sae_id (SAE-Lens pretrained SAEs, needs the network)"
+        "get one by setting sae_train_d_sae and sae_train_k (MicroEdit then trains a TopK SAE on the model "
+        "on first use and saves it at sae_path; `easyedit-nmke train-sae --hparams <this hparams YAML>` "
+        "trains it ahead), by putting a SAE-Lens or EleutherAI sparsify folder at sae_path, or by setting "
+        "sae_release/sae_id (SAE-Lens pretrained SAEs, needs the network)"
     )
 
 

@@ -353,7 +353,7 @@ def ensure_sae(
     if path is not None and not path.exists() and hparams.can_train_sae:
         check_layer(model, hparams)
         print(
-            f"[easyedit-nmke] no SAE at {path}; training one (~{max(1, round(estimated_minutes(model, hparams)))} "
+            f"[MicroEdit] no SAE at {path}; training one (~{max(1, round(estimated_minutes(model, hparams)))} "
             f"minutes): TopK d_sae={hparams.sae_train_d_sae}, k={hparams.sae_train_k} on "
             f"{hparams.sae_train_tokens} tokens of {hparams.sae_train_dataset} at layer {hparams.layer}",
             file=sys.stderr,
@@ -361,7 +361,7 @@ def ensure_sae(
         sae, metrics = train_sae(model, tok, hparams, progress=progress)
         save_sae(sae, path, metrics)
         print(
-            f"[easyedit-nmke] SAE saved to {path}: held-out FVE {metrics['fve']:.3f}, L0 {metrics['mean_l0']:.1f}, "
+            f"[MicroEdit] SAE saved to {path}: held-out FVE {metrics['fve']:.3f}, L0 {metrics['mean_l0']:.1f}, "
             f"dead latents {metrics['dead_fraction']:.1%}, {metrics['seconds'] / 60:.1f} minutes",
             file=sys.stderr,
         )

@@ -486,8 +486,9 @@ def apply_nmke_to_model(
 ) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
     """EasyEdit entry point: edit ``model`` in place (or a copy) and return ``(model, weights_copy)``.
 
-    ``weights_copy`` maps parameter names to their pre-edit values so the caller can
-    restore them; see ``easyedit_nmke.compat`` for how each EasyEdit version uses it.
+    ``weights_copy`` maps parameter names to their pre-edit values.  EasyEdit writes them
+    back after the edit unless edits are to accumulate (upstream: ``sequential_edit=True``);
+    ``weights_copy_for_easyeditor`` adapts it to the EasyEdit version that is calling.
     """
     edit_requests = normalise_requests(requests)
     check_module_templates(
