@@ -23,11 +23,11 @@ DEFAULT_HPARAMS = "hparams/NMKE/smollm2-135m.yaml"
 
 
 def default_hparams_path() -> Path:
-    """The SmolLM2 NMKE YAML: from the working directory, else from the source checkout."""
+    """The SmolLM2 NMKE YAML: from the working directory, else the copy installed with the package."""
     local = Path(DEFAULT_HPARAMS)
     if local.is_file():
         return local
-    return PACKAGE_ROOT.parent / "hparams" / "NMKE" / "smollm2-135m.yaml"
+    return PACKAGE_ROOT / "hparams" / "NMKE" / "smollm2-135m.yaml"
 
 
 def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("easyedit_root", type=Path, help="the EasyEdit checkout (the folder holding easyeditor/)")
     export.add_argument(
-        "--hparams-dir", type=Path, default=None, help="the plugin's hparams/ folder (default: the source checkout's)"
+        "--hparams-dir", type=Path, default=None, help="the plugin's hparams/ folder (default: the installed package's)"
     )
     bench = sub.add_parser(
         "bench", help="lifelong benchmark: methods x datasets x checkpoints T, per-cell JSONs, table and plots"

@@ -388,7 +388,7 @@ def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
         ExportError: ``root`` is not an EasyEdit checkout (no ``easyeditor/models/__init__.py``,
             ``easyeditor/util/alg_dict.py``, ``easyeditor/editors/batch_editor.py``), its
             registries have an unexpected shape, a target path is blocked by a file, or the
-            plugin's hparams folder is missing (it is in the source checkout, not the wheel).
+            hparams folder is missing.
     """
     root = Path(root)
     package = root / "easyeditor"
@@ -400,7 +400,7 @@ def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
     missing = [str(p.relative_to(root)) for p in registries.values() if not p.is_file()]
     if missing:
         raise ExportError(f"{root} is not an EasyEdit checkout: missing {', '.join(missing)}")
-    hparams_dir = Path(hparams_dir) if hparams_dir is not None else PACKAGE_ROOT.parent / "hparams"
+    hparams_dir = Path(hparams_dir) if hparams_dir is not None else PACKAGE_ROOT / "hparams"
 
     plan = ExportPlan(root=root)
     exports: List[Tuple[str, str, str]] = []
@@ -419,10 +419,7 @@ def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
             )
         yaml_dir = hparams_dir / alg_name
         if not yaml_dir.is_dir():
-            raise ExportError(
-                f"hparams folder {yaml_dir} not found: run the export from a source checkout of "
-                f"easyedit-nmke or pass its hparams/ folder (--hparams-dir)"
-            )
+            raise ExportError(f"hparams folder {yaml_dir} not found (--hparams-dir names the plugin's hparams/)")
         for path in sorted(yaml_dir.glob("*.yaml")):
             text = _export_yaml(path.read_text(encoding="utf-8"), path)
             if text is not None:

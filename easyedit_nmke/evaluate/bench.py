@@ -138,7 +138,7 @@ def parse_method(label: str) -> Method:
 
 def default_hparams_root() -> Path:
     local = Path("hparams")
-    return local if (local / "NMKE").is_dir() else PACKAGE_ROOT.parent / "hparams"
+    return local if (local / "NMKE").is_dir() else PACKAGE_ROOT / "hparams"
 
 
 def hparams_file(method: Method, model: str, hparams_dir: Optional[Path], single_method: bool) -> Path:
