@@ -237,8 +237,9 @@ def run_export_upstream(args: argparse.Namespace) -> List[str]:
         raise SystemExit(f"export-upstream: {exc}") from None
     written = plan.write()
     for rel in written:
-        print(("modified " if rel in plan.modified else "wrote    ") + rel)
-    print(f"{len(written)} of {len(plan.files)} files changed in {args.easyedit_root}"
+        verb = "removed " if rel in plan.removed else "modified" if rel in plan.modified else "wrote   "
+        print(f"{verb} {rel}")
+    print(f"{len(written)} of {len(plan.files) + len(plan.removed)} files changed in {args.easyedit_root}"
           + ("" if written else " (already exported)"))
     return written
 

@@ -212,7 +212,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     the very same pipeline.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     corpus = [
         "The capital of France is Paris.",

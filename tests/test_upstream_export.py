@@ -149,6 +149,9 @@ def test_cli_export_upstream(easyedit_checkout, capsys):
     assert "modified easyeditor/util/alg_dict.py" in out
     assert cli_main(["export-upstream", str(easyedit_checkout)]) == 0
     assert "(already exported)" in capsys.readouterr().out
+    (easyedit_checkout / "easyeditor" / "models" / "nmke" / "old_module.py").write_text("x = 1\n")
+    assert cli_main(["export-upstream", str(easyedit_checkout)]) == 0
+    assert "removed  easyeditor/models/nmke/old_module.py\n1 of " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="export-upstream: .* is not an EasyEdit checkout"):
         cli_main(["export-upstream", str(easyedit_checkout / "easyeditor")])
 
@@ -328,7 +331,7 @@ DIRECT_REQUESTS = [
 
 
 def _tiny_yamls(checkout: Path, model_dir: Path, work: Path) -> Dict[str, str]:
-    """The exported SmolLM2 YAMLs, shrunk to the 2-layer test Llama and a local corpus."""
+    """The exported Llama-3-8B YAMLs, shrunk to the 2-layer test Llama and a local corpus."""
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(f"Line {i}: the capital of France is Paris, the Eiffel Tower is in Paris." for i in range(64)))
     nmke = yaml.safe_load((checkout / "hparams" / "NMKE" / "llama3-8b.yaml").read_text())
