@@ -155,6 +155,13 @@ def _support_modules(method_files: Iterable[Path]) -> List[str]:
 # --------------------------------------------------------------------------- rewriting
 
 
+def _line_offsets(text: str) -> List[int]:
+    offsets = [0]
+    for line in text.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line))
+    return offsets
+
+
 def _rewrite_imports(text: str, where: str, path: Path) -> str:
     """Point a copied module's plugin imports at ``easyeditor.util.<SUPPORT_PACKAGE>``.
 
@@ -162,10 +169,11 @@ def _rewrite_imports(text: str, where: str, path: Path) -> str:
     handled like any other ``from ... import``.
     """
     tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
-    lines = text.splitlines(keepends=True)
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line))
+    offsets = _line_offsets(text)
+
+    def at(position: Tuple[int, int]) -> int:
+        return offsets[position[0] - 1] + position[1]
+
     edits: List[Tuple[int, int, str]] = []
     for i, token in enumerate(tokens):
         if token.type != tokenize.NAME or token.string != "from":
@@ -190,11 +198,8 @@ def _rewrite_imports(text: str, where: str, path: Path) -> str:
         new = _rewritten_module(dots, module, where, path)
         if new is None:
             continue
-        start = offsets[tokens[i + 1].start[0] - 1] + tokens[i + 1].start[1]
-        end = offsets[tokens[k - 1].end[0] - 1] + tokens[k - 1].end[1] if k > j else offsets[
-            tokens[j - 1].end[0] - 1
-        ] + tokens[j - 1].end[1]
-        edits.append((start, end, new))
+        last = tokens[k - 1] if k > j else tokens[j - 1]  # the module's last name, or the last dot
+        edits.append((at(tokens[i + 1].start), at(last.end), new))
     for start, end, new in reversed(edits):
         text = text[:start] + new + text[end:]
     # Module paths named in docstrings and strings (e.g. a trained SAE's metadata).
@@ -259,13 +264,6 @@ def _export_yaml(text: str, source: Path) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- registries
-
-
-def _line_offsets(text: str) -> List[int]:
-    offsets = [0]
-    for line in text.splitlines(keepends=True):
-        offsets.append(offsets[-1] + len(line))
-    return offsets
 
 
 def _models_init(text: str, exports: Sequence[Tuple[str, str, str]]) -> str:
