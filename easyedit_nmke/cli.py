@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add NMKE and MicroEdit to an EasyEdit checkout (method folders, registries, hparams), as an upstream PR",
     )
     export.add_argument("easyedit_root", type=Path, help="the EasyEdit checkout (the folder holding easyeditor/)")
+    export.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
     export.add_argument(
         "--hparams-dir", type=Path, default=None, help="the plugin's hparams/ folder (default: the installed package's)"
     )
@@ -235,11 +236,12 @@ def run_export_upstream(args: argparse.Namespace) -> List[str]:
         plan = plan_export(args.easyedit_root, args.hparams_dir)
     except ExportError as exc:
         raise SystemExit(f"export-upstream: {exc}") from None
-    written = plan.write()
+    written = plan.changes() if args.dry_run else plan.write()
     for rel in written:
         verb = "removed " if rel in plan.removed else "modified" if rel in plan.modified else "wrote   "
         print(f"{verb} {rel}")
-    print(f"{len(written)} of {len(plan.files) + len(plan.removed)} files changed in {args.easyedit_root}"
+    print(f"{len(written)} of {len(plan.files) + len(plan.removed)} files "
+          + ("would change" if args.dry_run else "changed") + f" in {args.easyedit_root}"
           + ("" if written else " (already exported)"))
     return written
 

@@ -79,20 +79,28 @@ class ExportPlan:
     modified: List[str] = field(default_factory=list)  # existing checkout files that change
     removed: List[str] = field(default_factory=list)  # files of an earlier export no longer exported
 
+    def _bytes(self, rel: str) -> bytes:
+        return self.files[rel].replace("\n", self.newlines.get(rel, "\n")).encode("utf-8")
+
+    def changes(self) -> List[str]:
+        """The paths :meth:`write` would write or remove (content differs or file absent)."""
+        written = [
+            rel
+            for rel in sorted(self.files)
+            if not ((self.root / rel).is_file() and (self.root / rel).read_bytes() == self._bytes(rel))
+        ]
+        return written + list(self.removed)
+
     def write(self) -> List[str]:
         """Write and remove the files; return the paths that changed."""
-        changed = []
-        for rel, text in sorted(self.files.items()):
+        changed = self.changes()
+        for rel in changed:
             path = self.root / rel
-            data = text.replace("\n", self.newlines.get(rel, "\n"))
-            if path.is_file() and path.read_bytes() == data.encode("utf-8"):
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data.encode("utf-8"))
-            changed.append(rel)
-        for rel in self.removed:
-            (self.root / rel).unlink()
-            changed.append(rel)
+            if rel in self.removed:
+                path.unlink()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(self._bytes(rel))
         return changed
 
 

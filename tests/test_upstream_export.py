@@ -144,6 +144,10 @@ def test_unrecognised_registry_is_refused_before_anything_is_written(easyedit_ch
 
 
 def test_cli_export_upstream(easyedit_checkout, capsys):
+    before = _snapshot(easyedit_checkout)
+    assert cli_main(["export-upstream", "--dry-run", str(easyedit_checkout)]) == 0
+    assert "modified easyeditor/util/alg_dict.py" in capsys.readouterr().out
+    assert _snapshot(easyedit_checkout) == before  # a dry run writes nothing
     assert cli_main(["export-upstream", str(easyedit_checkout)]) == 0
     out = capsys.readouterr().out
     assert "modified easyeditor/util/alg_dict.py" in out
