@@ -57,7 +57,7 @@ cells() {
     halluc100)
       for m in NMKE NMKE:none MicroEdit; do echo "hallucination 100 10,50,100 $m"; done ;;
     zsre1000)
-      for m in NMKE NMKE:none MicroEdit MEMIT; do echo "zsre 1000 10,100,250,500,1000 $m"; done ;;
+      for m in NMKE NMKE:none NMKE:zero_update MicroEdit MEMIT; do echo "zsre 1000 10,100,250,500,1000 $m"; done ;;
     cf1000)
       for m in NMKE NMKE:none; do echo "counterfact 1000 10,100,250,500,1000 $m"; done ;;
     *) echo "unknown group $group (zsre100 halluc100 zsre1000 cf1000)" >&2; return 1 ;;

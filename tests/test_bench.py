@@ -205,6 +205,8 @@ def test_datasets_and_methods(setup, tmp_path, capsys):
 
     assert bench.parse_method("NMKE").overrides == {"mask_mode": "hybrid"}
     assert bench.parse_method("NMKE:fixed").overrides == {"mask_mode": "fixed"}
+    assert bench.parse_method("NMKE:zero_update").overrides == {"mask_mode": "hybrid", "mask_application": "zero_update"}
+    assert bench.parse_method("NMKE:zero_update").safe_label == "NMKE-zero_update"
     assert bench.parse_method("MEMIT").kind == "baseline"
     with pytest.raises(SystemExit, match="unknown method"):
         bench.parse_method("NoSuchMethod")

@@ -17,7 +17,8 @@ A rerun skips the cells whose JSON exists with the same configuration and resume
 the others from their last checkpoint.
 
 Methods: the plugin's (``easyedit_nmke.methods.METHODS``; ``NMKE:<mask_mode>`` picks
-a mask mode, plain ``NMKE`` is ``hybrid``, ``NMKE:none`` is AlphaEdit's update) and
+a mask mode, plain ``NMKE`` is ``hybrid``, ``NMKE:none`` is AlphaEdit's update,
+``NMKE:zero_update`` hybrid with the authors' mask application) and
 EasyEdit's (:mod:`.baselines`).  A method that cannot run here is skipped with the
 reason printed.
 """
@@ -59,6 +60,8 @@ LOC_SOURCES = {
 # Plugin methods whose "NAME:VARIANT" label sets this hparam.
 VARIANT_KEYS = {"NMKE": "mask_mode"}
 DEFAULT_VARIANT = {"NMKE": "hybrid"}
+# Variants that are not a value of VARIANT_KEYS: name -> overrides on top of the default variant.
+NAMED_VARIANTS = {"NMKE": {"zero_update": {"mask_application": "zero_update"}}}  # the authors' mask application
 
 
 class SkipMethod(Exception):
@@ -122,12 +125,14 @@ def parse_method(label: str) -> Method:
     alg, _, variant = label.partition(":")
     if alg in METHODS:
         overrides: Dict[str, Any] = {}
-        if variant:
+        named = NAMED_VARIANTS.get(alg, {})
+        if variant and variant not in named:
             if alg not in VARIANT_KEYS:
                 raise SystemExit(f"method {label!r}: {alg} has no variants")
             overrides[VARIANT_KEYS[alg]] = variant
         elif alg in DEFAULT_VARIANT:
             overrides[VARIANT_KEYS[alg]] = DEFAULT_VARIANT[alg]
+        overrides.update(named.get(variant, {}))
         return Method(label, alg, "plugin", overrides)
     if alg in BASELINES:
         if variant:
