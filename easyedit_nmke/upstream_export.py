@@ -231,17 +231,21 @@ def _rewritten_module(level: int, module: str, where: str, path: Path) -> Option
     return None
 
 
-def _check_imports_resolve(plan_files: Dict[str, str], root: Path) -> None:
-    """Every relative import of an exported module names a module of the checkout or of the export."""
+def _check_exported_modules(plan_files: Dict[str, str], root: Path) -> None:
+    """Every exported module parses, and each relative import names a module of the checkout or of the export."""
 
     def is_module(folder: Path) -> bool:
         rels = (f"{folder.as_posix()}.py", f"{folder.as_posix()}/__init__.py")
         return any(rel in plan_files or (root / rel).is_file() for rel in rels)
 
     for rel, text in plan_files.items():
-        if not rel.endswith(".py") or not rel.startswith("easyeditor/"):
+        if not rel.endswith(".py"):
             continue
-        for node in ast.walk(ast.parse(text, filename=rel)):
+        try:
+            tree = ast.parse(text, filename=rel)
+        except SyntaxError as exc:  # a registry with a shape the edits got wrong
+            raise ExportError(f"{rel}: the exported file would not parse ({exc.msg}, line {exc.lineno})") from None
+        for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom) or node.level == 0:
                 continue
             base = Path(rel).parent
@@ -461,13 +465,7 @@ def plan_export(root: Path, hparams_dir: Optional[Path] = None) -> ExportPlan:
         plan.files[rel] = new
         plan.newlines[rel] = newline
 
-    for rel, text in plan.files.items():
-        if rel.endswith(".py"):
-            try:
-                ast.parse(text, filename=rel)
-            except SyntaxError as exc:  # a registry with a shape the edits above got wrong
-                raise ExportError(f"{rel}: the exported file would not parse ({exc.msg}, line {exc.lineno})") from None
-    _check_imports_resolve(plan.files, root)
+    _check_exported_modules(plan.files, root)
     for rel in plan.files:  # a file where a folder must go would fail half-way through writing
         for parent in Path(rel).parents:
             if parent != Path(".") and (root / parent).exists() and not (root / parent).is_dir():

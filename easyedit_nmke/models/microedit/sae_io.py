@@ -61,8 +61,9 @@ def _how_to_get_one() -> str:
     return (
         "get one by setting sae_train_d_sae and sae_train_k (MicroEdit then trains a TopK SAE on the model "
         "on first use and saves it at sae_path; with the easyedit-nmke plugin installed, "
-        "`easyedit-nmke train-sae --hparams <this hparams YAML>` trains it ahead), by putting a SAE-Lens or EleutherAI sparsify folder at sae_path, or by setting "
-        "sae_release/sae_id (SAE-Lens pretrained SAEs, needs the network)"
+        "`easyedit-nmke train-sae --hparams <this hparams YAML>` trains it ahead), by putting a SAE-Lens "
+        "or EleutherAI sparsify folder at sae_path, or by setting sae_release/sae_id (SAE-Lens pretrained "
+        "SAEs, needs the network)"
     )
 
 
