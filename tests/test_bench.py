@@ -390,3 +390,15 @@ def test_alphaedit_cache_checkpoint_is_safetensors(tmp_path, monkeypatch):
     module.cache_c = torch.zeros(2, 4, 4)
     spec.load_state(None, tmp_path / "state")
     assert torch.equal(module.cache_c, saved) and module.cache_c_new
+
+
+def test_plot_line_styles_tell_every_method_of_the_full_matrix_apart():
+    # The ZsRE matrix has 13 methods; matplotlib's default cycle repeats colours after 10.
+    methods = ["AlphaEdit", "FT", "GRACE", "MEMIT", "MicroEdit", "NMKE", "NMKE:fixed", "NMKE:general",
+               "NMKE:none", "NMKE:specific", "NMKE:zero_update", "ROME", "WISE"]
+    styles = bench.plot_line_styles(methods[::-1])
+    assert sorted(styles) == methods
+    looks = {(s["color"], s["marker"], s["linestyle"]) for s in styles.values()}
+    assert len(looks) == len(methods)
+    # Sorted order, so a method keeps its look whatever order the cells were read in.
+    assert styles == bench.plot_line_styles(methods)

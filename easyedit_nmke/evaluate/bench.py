@@ -597,6 +597,29 @@ def markdown_report(cells: Sequence[Dict[str, Any]], skipped: Dict[str, str]) ->
     return "\n".join(lines) + "\n"
 
 
+_PLOT_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                 "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_PLOT_MARKERS = ("o", "s", "^", "D")
+_PLOT_DASHES = ("-", "--", ":", "-.")
+
+
+def plot_line_styles(methods: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """A distinct (colour, marker, line style) per method, in sorted order.
+
+    Matplotlib's default cycle repeats its colours after ten lines, and the ZsRE matrix
+    has more methods than that; each further round of colours changes marker and dash.
+    """
+    styles = {}
+    for index, method in enumerate(sorted(set(methods))):
+        round_ = index // len(_PLOT_COLOURS)
+        styles[method] = {
+            "color": _PLOT_COLOURS[index % len(_PLOT_COLOURS)],
+            "marker": _PLOT_MARKERS[round_ % len(_PLOT_MARKERS)],
+            "linestyle": _PLOT_DASHES[round_ % len(_PLOT_DASHES)],
+        }
+    return styles
+
+
 def write_plots(cells: Sequence[Dict[str, Any]], folder: Path) -> List[Path]:
     """One PNG per dataset: Rel, Gen, Loc, avg (lifelong) against T, one line per method."""
     if not cells:
@@ -621,13 +644,14 @@ def write_plots(cells: Sequence[Dict[str, Any]], folder: Path) -> List[Path]:
             for row in cell["runs"]:
                 points[row["T"]] = row
         panels = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("avg", "avg")]
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+        styles = plot_line_styles(list(lines))
+        fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
         all_t = sorted({t for points in lines.values() for t in points})
         for ax, (key, title) in zip(axes, panels):
             for method, points in sorted(lines.items()):
                 ts = [t for t in sorted(points) if points[t].get(key) is not None]
                 if ts:
-                    ax.plot(ts, [points[t][key] for t in ts], marker="o", label=method)
+                    ax.plot(ts, [points[t][key] for t in ts], label=method, **styles[method])
             if metric == "perplexity" and key in ("rel", "gen"):
                 ax.set_title(f"{title}: target perplexity (lower is better)")
                 ax.set_yscale("log")
@@ -638,10 +662,12 @@ def write_plots(cells: Sequence[Dict[str, Any]], folder: Path) -> List[Path]:
             if all_t and all_t[-1] / max(all_t[0], 1) >= 20:
                 ax.set_xscale("log")
             ax.grid(True, alpha=0.3)
-        axes[0].legend(fontsize="small")
+        # One legend beside the panels: inside a panel it hides the lines it names.
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize="small")
         models = ", ".join(sorted({c.get("model", "?") for c in group}))
         fig.suptitle(f"{dataset} on {models}: lifelong (all T edits evaluated after the T-th)")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0.0, 0.0, 0.87, 1.0))
         path = folder / f"{dataset}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
