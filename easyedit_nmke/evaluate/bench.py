@@ -686,7 +686,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """The bench flags; EasyEdit's run_*_editing.py spellings are accepted as aliases."""
     parser.add_argument(
         "--methods", "--method", "--editing_method", "--editing-method", dest="methods", action="append", default=[],
-        help="comma-separated, repeatable: NMKE (hybrid), NMKE:general|specific|fixed|none, MicroEdit, "
+        help="comma-separated, repeatable: NMKE (hybrid), NMKE:general|specific|fixed|none (mask modes), "
+             f"NMKE:{'|'.join(NAMED_VARIANTS['NMKE'])} (hybrid, the authors' mask application), MicroEdit, "
              f"FT, ROME, MEMIT, AlphaEdit, WISE, GRACE (default {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
@@ -704,7 +705,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--eval-at", default=None, help="checkpoints T, e.g. 10,100,1000 (the last edit is always one)")
     parser.add_argument(
         "--hparams-dir", "--hparams_dir", dest="hparams_dir", type=Path, default=None,
-        help="hparams root with <ALG>/<model>.yaml and baselines/<ALG>/<model>.yaml (default ./hparams); "
+        help="hparams root with <ALG>/<model>.yaml and baselines/<ALG>/<model>.yaml (default ./hparams "
+             "if it holds NMKE/, else the YAMLs installed with the package); "
              "or one YAML for a single method",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hparams file stem (default {DEFAULT_MODEL})")
