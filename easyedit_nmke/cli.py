@@ -63,20 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", help="lifelong sequential editing run with a results table")
     edit.add_argument("--hparams", type=Path, default=None, help=f"hparams YAML (default {DEFAULT_HPARAMS})")
     edit.add_argument(
-        "--data", action="append", default=[], help="EasyEdit ZsRE/CounterFact JSON (repeatable; default: demo set)"
+        "--data", action="append", default=[], help="EasyEdit JSON: ZsRE records (src/alt/...) or prompt/target_new records (CounterFact, WISE's "
+        "hallucination and temporal sets); repeatable, read in order (default: the demo set)"
     )
     edit.add_argument("--num-edits", type=int, default=None, help="number of sequential edits (default: all)")
     edit.add_argument("--eval-at", default=None, help="checkpoints T, e.g. 10,100 (the last edit is always one)")
     edit.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     edit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam")
-    edit.add_argument("--metric", choices=["accuracy", "perplexity"], default="accuracy")
+    edit.add_argument(
+        "--metric", choices=["accuracy", "perplexity"], default="accuracy",
+        help="Rel/Gen as target token accuracy (default) or target perplexity (hallucination data)",
+    )
     edit.add_argument("--immediate", action="store_true", help="also score each edit right after applying it")
     edit.add_argument("--work-dir", type=Path, default=None, help="checkpoint here; a rerun resumes from it")
     edit.add_argument(
-        "--save-every", type=int, default=25, help="with --work-dir, also save every N edits between checkpoints (0: off)"
+        "--save-every", type=int, default=25, help="with --work-dir, also save every N edits between checkpoints (default 25; 0: off)"
     )
     edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    edit.add_argument("--no-progress", action="store_true")
+    edit.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     edit.add_argument(
         "--ard-plot", type=Path, default=None, help="MicroEdit: record every ARD and plot the distributions (PNG)"
     )
