@@ -6,6 +6,7 @@
 #   scripts/run_benchmarks.sh                      # every group below, in this order
 #   scripts/run_benchmarks.sh zsre100 halluc100    # some groups
 #   nohup scripts/run_benchmarks.sh > bench.log 2>&1 &   # in the background
+#   python -m easyedit_nmke bench --status --out runs/bench   # how far each cell got
 #
 # Groups (cells):
 #   zsre100     ZsRE, T=100: NMKE (hybrid), its ablations general/specific/fixed/none,

@@ -168,12 +168,24 @@ def test_bench_smoke_and_resume(setup, tmp_path, monkeypatch, capsys):
     assert (killed / "work" / "zsre-T2__NMKE-none" / "checkpoint" / "progress.json").is_file()
     before_file = killed / "work" / "zsre-T2__NMKE-none" / "general_before.json"
     measured_before = json.loads(before_file.read_text())["value"]
+    # --status reads the killed cell's checkpoint (and leaves its folder as it is).
+    folder_before = sorted(p.name for p in (killed / "work" / "zsre-T2__NMKE-none").iterdir())
+    capsys.readouterr()
+    _bench(setup, killed, "NMKE:none", "--status")
+    status = capsys.readouterr().out
+    assert "| zsre-T2__NMKE-none | in progress | 1 / 2 | T=1: " in status
+    assert sorted(p.name for p in (killed / "work" / "zsre-T2__NMKE-none").iterdir()) == folder_before
+    (row,) = bench.cell_status(killed)
+    assert row["sec_per_edit"] > 0 and row["edit_hours_left"] == pytest.approx(row["sec_per_edit"] / 3600)
     calls["n"] = -10  # no more interruptions
     _bench(setup, killed, "NMKE:none")
     assert calls["n"] == -9  # exactly one edit applied after resuming
     assert "resuming from checkpoint after 1 edits" in capsys.readouterr().out
     resumed = json.loads((killed / "cells" / "zsre-T2__NMKE-none.json").read_text())
     assert [row["T"] for row in resumed["runs"]] == [1, 2]
+    assert [(r["cell"], r["state"], r["done"], r["of"]) for r in bench.cell_status(killed)] == [
+        ("zsre-T2__NMKE-none", "finished", 2, 2)
+    ]
     assert resumed["general"]["before"] == measured_before  # the unedited model's, kept for the resume
 
     # Another configuration in the same folder: the cell runs again; its old checkpoint is moved aside.

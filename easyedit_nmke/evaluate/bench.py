@@ -490,6 +490,85 @@ def write_report(out_dir: Path) -> Dict[str, Any]:
     return {"markdown": out_dir / "results.md", "plots": plots}
 
 
+def _newest_progress(work: Path) -> Optional[Dict[str, Any]]:
+    """The progress of a cell's newest complete checkpoint, read without touching the folder.
+
+    A running cell may be saving at this moment (see ``runner.recover_checkpoint``), so this
+    only reads: a complete "checkpoint.partial" is the newest, then "checkpoint", then
+    "checkpoint.old"; a folder renamed away between the check and the read is skipped.
+    """
+    from .runner import CHECKPOINT_NAMES
+
+    final, partial, old = CHECKPOINT_NAMES
+    for name in (partial, final, old):
+        try:
+            return json.loads((work / name / "progress.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _planned_edits(cell: str) -> Optional[int]:
+    """``n`` from a cell name ``<dataset>-T<n>__<method>`` (see :func:`cell_name`)."""
+    head = cell.rsplit("__", 1)[0]
+    number = head.rsplit("-T", 1)[-1]
+    return int(number) if number.isdigit() else None
+
+
+def cell_status(out_dir: Path) -> List[Dict[str, Any]]:
+    """Where each cell under ``out_dir`` stands: finished, or how far its last checkpoint got.
+
+    One row per cell: ``cell``, ``state`` ("finished", "in progress" or "no checkpoint"),
+    ``done`` and ``of`` (edits), ``last`` (the latest lifelong evaluation row, or None),
+    ``sec_per_edit`` (edit time so far over edits done) and ``edit_hours_left`` (the
+    remaining edits at that rate; evaluations and general-capability runs come on top).
+    """
+    out_dir = Path(out_dir)
+    cells_dir, work_dir = out_dir / "cells", out_dir / "work"
+    names = {path.stem for path in cells_dir.glob("*.json")}
+    if work_dir.is_dir():
+        names |= {path.name for path in work_dir.iterdir() if path.is_dir() and ".stale-" not in path.name}
+    rows = []
+    for name in sorted(names):
+        cell_file = cells_dir / f"{name}.json"
+        if cell_file.is_file():
+            cell = json.loads(cell_file.read_text())
+            runs = cell.get("runs") or []
+            n = cell.get("bench", {}).get("num_edits", _planned_edits(name))
+            rows.append({"cell": name, "state": "finished", "done": n, "of": n, "last": runs[-1] if runs else None,
+                         "sec_per_edit": runs[-1].get("sec_per_edit") if runs else None, "edit_hours_left": 0.0})
+            continue
+        planned = _planned_edits(name)
+        progress = _newest_progress(work_dir / name)
+        if progress is None:
+            rows.append({"cell": name, "state": "no checkpoint", "done": 0, "of": planned, "last": None,
+                         "sec_per_edit": None, "edit_hours_left": None})
+            continue
+        done = int(progress["done"])
+        runs = progress.get("result", {}).get("runs") or []
+        per_edit = float(progress["edit_seconds"]) / done if done else None
+        left = (planned - done) * per_edit / 3600 if per_edit is not None and planned is not None else None
+        rows.append({"cell": name, "state": "in progress", "done": done, "of": planned,
+                     "last": runs[-1] if runs else None, "sec_per_edit": per_edit, "edit_hours_left": left})
+    return rows
+
+
+def status_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """:func:`cell_status` as a Markdown table."""
+    lines = ["| cell | state | edits | last lifelong T: avg | s/edit | edit hours left |",
+             "|---|---|--:|---|--:|--:|"]
+    for row in rows:
+        last = row["last"]
+        last_text = f"T={last['T']}: {_f(last.get('avg'))}" if last else "-"
+        lines.append(
+            f"| {row['cell']} | {row['state']} | {row['done']} / {_f(row['of'])} | {last_text} "
+            f"| {_f(row['sec_per_edit'], 2)} | {_f(row['edit_hours_left'], 2)} |"
+        )
+    if not rows:
+        lines.append("| (no cells) | | | | | |")
+    return "\n".join(lines)
+
+
 def _f(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -731,6 +810,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--save-every", type=int, default=25,
                         help="save each cell's run every N edits between checkpoints, to resume from (0: off)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md and plots from --out")
+    parser.add_argument(
+        "--status", action="store_true",
+        help="only print where each cell under --out stands (finished, or edits done and time left); "
+             "reads the checkpoints of running cells without touching them",
+    )
     return parser
 
 
@@ -782,6 +866,10 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> BenchConfig
 
 
 def run_from_args(args: argparse.Namespace, command: str = "") -> Dict[str, Any]:
+    if args.status:
+        rows = cell_status(Path(args.out))
+        print(status_table(rows))
+        return {"status": rows}
     if args.report_only:
         return write_report(Path(args.out))
     if args.threads:
