@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser("edit", help="lifelong sequential editing run with a results table")
     edit.add_argument("--hparams", type=Path, default=None, help=f"hparams YAML (default {DEFAULT_HPARAMS})")
     edit.add_argument(
-        "--data", action="append", default=[], help="EasyEdit JSON: ZsRE records (src/alt/...) or prompt/target_new records (CounterFact, WISE's "
-        "hallucination and temporal sets); repeatable, read in order (default: the demo set)"
+        "--data", action="append", default=[],
+        help="EasyEdit JSON: ZsRE records (src/alt/...) or prompt/target_new records (CounterFact, "
+        "WISE's hallucination and temporal sets); repeatable, read in order (default: the demo set)",
     )
     edit.add_argument("--num-edits", type=int, default=None, help="number of sequential edits (default: all)")
     edit.add_argument("--eval-at", default=None, help="checkpoints T, e.g. 10,100 (the last edit is always one)")
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--immediate", action="store_true", help="also score each edit right after applying it")
     edit.add_argument("--work-dir", type=Path, default=None, help="checkpoint here; a rerun resumes from it")
     edit.add_argument(
-        "--save-every", type=int, default=25, help="with --work-dir, also save every N edits between checkpoints (default 25; 0: off)"
+        "--save-every", type=int, default=25,
+        help="with --work-dir, also save every N edits between checkpoints (default 25; 0: off)",
     )
     edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     edit.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")

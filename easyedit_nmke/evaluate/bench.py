@@ -490,24 +490,6 @@ def write_report(out_dir: Path) -> Dict[str, Any]:
     return {"markdown": out_dir / "results.md", "plots": plots}
 
 
-def _newest_progress(work: Path) -> Optional[Dict[str, Any]]:
-    """The progress of a cell's newest complete checkpoint, read without touching the folder.
-
-    A running cell may be saving at this moment (see ``runner.recover_checkpoint``), so this
-    only reads: a complete "checkpoint.partial" is the newest, then "checkpoint", then
-    "checkpoint.old"; a folder renamed away between the check and the read is skipped.
-    """
-    from .runner import CHECKPOINT_NAMES
-
-    final, partial, old = CHECKPOINT_NAMES
-    for name in (partial, final, old):
-        try:
-            return json.loads((work / name / "progress.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-    return None
-
-
 def _planned_edits(cell: str) -> Optional[int]:
     """``n`` from a cell name ``<dataset>-T<n>__<method>`` (see :func:`cell_name`)."""
     head = cell.rsplit("__", 1)[0]
@@ -523,6 +505,8 @@ def cell_status(out_dir: Path) -> List[Dict[str, Any]]:
     ``sec_per_edit`` (edit time so far over edits done) and ``edit_hours_left`` (the
     remaining edits at that rate; evaluations and general-capability runs come on top).
     """
+    from .runner import read_newest_progress
+
     out_dir = Path(out_dir)
     cells_dir, work_dir = out_dir / "cells", out_dir / "work"
     names = {path.stem for path in cells_dir.glob("*.json")}
@@ -539,7 +523,7 @@ def cell_status(out_dir: Path) -> List[Dict[str, Any]]:
                          "sec_per_edit": runs[-1].get("sec_per_edit") if runs else None, "edit_hours_left": 0.0})
             continue
         planned = _planned_edits(name)
-        progress = _newest_progress(work_dir / name)
+        progress = read_newest_progress(work_dir / name)
         if progress is None:
             rows.append({"cell": name, "state": "no checkpoint", "done": 0, "of": planned, "last": None,
                          "sec_per_edit": None, "edit_hours_left": None})

@@ -183,6 +183,22 @@ def recover_checkpoint(directory: Path) -> None:
         old.rename(final)
 
 
+def read_newest_progress(directory: Path) -> Optional[Dict[str, Any]]:
+    """``progress.json`` of the newest complete checkpoint in ``directory``, or None; only reads.
+
+    The read-only twin of :func:`recover_checkpoint`, for looking at a run that may be saving
+    at this moment: a complete "checkpoint.partial" is the newest, then "checkpoint", then
+    "checkpoint.old"; a folder renamed away between the check and the read is passed over.
+    """
+    final, partial, old = (directory / name for name in CHECKPOINT_NAMES)
+    for folder in (partial, final, old):
+        try:
+            return json.loads((folder / "progress.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    return None
+
+
 def move_checkpoints(directory: Path, destination: Path) -> Path:
     """Move all of ``directory``'s checkpoint folders into a new folder ``destination`` (made unique)."""
     target, n = destination, 1
