@@ -1,7 +1,7 @@
 """Write an SAE training corpus of WikiText-2 with ZsRE-style questions mixed in.
 
 MicroEdit's SmolLM2 SAE, trained on WikiText-2 alone, reconstructs ZsRE questions worse
-than encyclopaedic text (README "MicroEdit on SmolLM2"). This corpus tests whether an SAE
+than encyclopaedic text (`benchmarks/results/microedit_tuning_zsre100.md`). This corpus tests whether an SAE
 that has seen questions does better. Questions come from ``zsre_mend_train-1k.json``
 records ``--skip`` onwards: the lifelong benchmark edits the 725 dev records and then the
 first 275 train records, so the default skip keeps every edited or evaluated question
