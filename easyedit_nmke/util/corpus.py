@@ -4,22 +4,27 @@ Used by NMKE's null-space statistics (``mom2_dataset``) and by MicroEdit's SAE
 training and calibration.  A corpus name is resolved in this order:
 
 1. a path to a text file or a directory of ``*.txt`` files;
-2. ``wikitext-2`` / ``wikipedia``: a local copy under ``$EASYEDIT_NMKE_DATA_DIR``
-   (``wikitext-2/*.txt``), else the HF dataset when the network allows it;
-3. ``model-generated`` (also the fallback when nothing else is reachable): text the
-   model samples itself (at most ``MAX_GENERATED_TEXTS`` texts), so the methods work
-   on any offline machine.
+2. ``wikitext-2`` / ``wikitext`` / ``wikipedia``: a local copy under
+   ``$EASYEDIT_NMKE_DATA_DIR`` (``wikitext-2/*.txt``), else the HF dataset when the
+   network and the ``datasets`` package allow it, else (with a warning) 3.;
+3. ``model-generated``: text the model samples itself (at most ``MAX_GENERATED_TEXTS``
+   texts), so the methods work on any offline machine;
+4. any other name is a HF hub dataset id; one that cannot be opened is an error, not
+   a fallback, so a misspelt corpus never silently becomes another one.
 
 ``resolve_corpus`` also returns a description of the corpus actually used (resolved
-files, hub name or generated), which callers put into their cache keys.
+files, hub name or generated), which callers put into their cache keys.  Hub texts
+are streamed only when the returned loader is called, i.e. after the caller has missed
+its cache.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,6 +44,18 @@ MAX_GENERATED_TEXTS = 256
 MIN_WINDOW_TOKENS = 8
 
 
+# Names the plugin knows how to find locally; offline, they fall back to model text.
+WELL_KNOWN_CORPORA = ("wikitext-2", "wikitext", "wikipedia")
+
+
+class CorpusError(ValueError):
+    """A corpus setting names nothing that can be read."""
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".txt") or name.startswith(("/", ".", "~"))
+
+
 def _local_text_files(name: str) -> Optional[List[Path]]:
     path = Path(name).expanduser()
     if path.is_file():
@@ -46,7 +63,7 @@ def _local_text_files(name: str) -> Optional[List[Path]]:
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         return files or None
-    if name in ("wikitext-2", "wikitext", "wikipedia"):
+    if name in WELL_KNOWN_CORPORA:
         data_dir = os.environ.get("EASYEDIT_NMKE_DATA_DIR")
         if data_dir:
             folder = Path(data_dir).expanduser() / "wikitext-2"
@@ -55,27 +72,30 @@ def _local_text_files(name: str) -> Optional[List[Path]]:
     return None
 
 
-def _hub_texts(name: str, limit: int) -> Optional[List[str]]:
+def _open_hub_dataset(name: str) -> Iterable[dict]:
+    """A streaming HF dataset: opening it reads metadata only, the texts come when iterated."""
+    from datasets import load_dataset  # optional dependency
+
+    if name in ("wikitext-2", "wikitext"):
+        return load_dataset("wikitext", "wikitext-2-raw-v1", split="train", streaming=True)
+    if name == "wikipedia":
+        return load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
+    return load_dataset(name, split="train", streaming=True)
+
+
+def _read_hub_texts(name: str, records: Iterable[dict], limit: int) -> List[str]:
+    texts: List[str] = []
     try:
-        from datasets import load_dataset  # optional dependency
-    except ImportError:
-        return None
-    try:
-        if name in ("wikitext-2", "wikitext"):
-            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
-        elif name == "wikipedia":
-            ds = load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
-        else:
-            ds = load_dataset(name, split="train", streaming=True)
-    except Exception:  # offline or unknown dataset: fall back to the model's own text
-        return None
-    texts = []
-    for record in ds:
-        text = record.get("text", "")
-        if text.strip():
-            texts.append(text)
-        if len(texts) >= limit:
-            break
+        for record in records:
+            text = record.get("text", "")
+            if text.strip():
+                texts.append(text)
+            if len(texts) >= limit:
+                break
+    except Exception as exc:  # the connection went away after the dataset opened
+        raise CorpusError(f"reading hub dataset {name!r} failed after {len(texts)} texts: {exc}") from exc
+    if not texts:
+        raise CorpusError(f"hub dataset {name!r} has no non-empty 'text' field in its train split")
     return texts
 
 
@@ -126,6 +146,15 @@ def generate_corpus(
     return texts
 
 
+def _hub_unavailable() -> Optional[str]:
+    """Why the hub cannot be asked for ``name`` (None when it can be)."""
+    if not hub_reachable(datasets=True):
+        return "the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    if importlib.util.find_spec("datasets") is None:
+        return "the `datasets` package is not installed"
+    return None
+
+
 def resolve_corpus(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -146,12 +175,24 @@ def resolve_corpus(
             return "files:" + ",".join(str(f.resolve()) for f in files), lambda: [
                 f.read_text(encoding="utf-8") for f in files
             ]
-        texts = _hub_texts(name, n_samples) if hub_reachable(datasets=True) else None
-        if texts is not None:
-            return f"hub:{name}", lambda: texts
+        well_known = name in WELL_KNOWN_CORPORA
+        if _looks_like_path(name):
+            raise CorpusError(f"{setting} {name!r}: no such text file, or a folder without *.txt files")
+        reason = _hub_unavailable()
+        if reason is None:
+            try:
+                records = _open_hub_dataset(name)
+            except Exception as exc:  # offline, or no such dataset
+                reason = f"the HF hub could not open it ({type(exc).__name__}: {exc})"
+            else:
+                return f"hub:{name}", lambda: _read_hub_texts(name, records, n_samples)
+        if not well_known:
+            raise CorpusError(
+                f"{setting} {name!r} is not a local file or folder, nor a usable hub dataset: {reason}"
+            )
         warnings.warn(
-            f"{setting} {name!r} is neither a local file nor reachable online "
-            f"(set EASYEDIT_NMKE_DATA_DIR to a folder with wikitext-2/*.txt); using model-generated text"
+            f"{setting} {name!r} has no local copy (set EASYEDIT_NMKE_DATA_DIR to a folder with "
+            f"wikitext-2/*.txt) and {reason}; using model-generated text"
         )
     n_texts = min(n_samples, MAX_GENERATED_TEXTS)
     return f"{MODEL_GENERATED}:{n_texts}", lambda: generate_corpus(model, tok, n_texts, max_length)

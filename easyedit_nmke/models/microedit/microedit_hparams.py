@@ -53,7 +53,8 @@ class MicroEditHyperParams(PluginHyperParams):
     sae_train_k: Optional[int] = None
     sae_train_tokens: int = 300_000
     sae_train_heldout_tokens: int = 20_000
-    sae_train_dataset: str = "wikitext-2"  # text file/folder, "wikitext-2" (local or HF), "model-generated"
+    # a text file/folder, "wikitext-2"/"wikipedia", an HF dataset id or "model-generated" (util/corpus.py)
+    sae_train_dataset: str = "wikitext-2"
     sae_train_context_length: int = 128
     sae_train_lr: float = 4e-4
     sae_train_batch_tokens: int = 4096

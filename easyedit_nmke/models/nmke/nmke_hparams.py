@@ -52,7 +52,8 @@ class NMKEHyperParams(PluginHyperParams):
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
 
     # --- null-space projection (AlphaEdit) ------------------------------------
-    mom2_dataset: str = "wikipedia"  # text file path, HF dataset name (online), or "model-generated"
+    # a text file/folder, "wikitext-2"/"wikipedia", an HF dataset id or "model-generated" (util/corpus.py)
+    mom2_dataset: str = "wikipedia"
     mom2_n_samples: int = 100000
     # Precision of the stored E[k kᵀ] and of its eigendecomposition (the null spaces).
     mom2_dtype: str = "float32"
