@@ -15,7 +15,7 @@ from easyedit_nmke.models.nmke.state import attach_state
 from easyedit_nmke.util import nethook
 from easyedit_nmke.util.hparams import HParamsError
 from easyedit_nmke.util.model_parts import ArchitectureError, down_weight
-from easyedit_nmke.util.requests import RequestError, subject_last_index
+from easyedit_nmke.util.requests import RequestError, normalise_request, subject_last_index
 
 from conftest import REQUESTS, tiny_hparams, tiny_model
 
@@ -276,6 +276,13 @@ def test_subject_last_index_points_at_subject(tokenizer):
     assert tokenizer.decode(ids[: index + 1]).endswith("Tower")
 
 
+def test_prompt_templates_fill_one_placeholder_and_keep_other_braces():
+    template = normalise_request({"prompt": "In {year}, {} was ruled from", "subject": "Norway", "target_new": "Oslo"})
+    assert template.prompt == "In {year}, Norway was ruled from"
+    with pytest.raises(RequestError, match="2 '{}' placeholders"):
+        normalise_request({"prompt": "The {} of {} is", "subject": "Norway", "target_new": "Oslo"})
+
+
 @pytest.mark.parametrize(
     "request_, error",
     [
@@ -283,6 +290,7 @@ def test_subject_last_index_points_at_subject(tokenizer):
         ({"prompt": "The capital of Norway is", "subject": "Norway", "target_new": "  "}, RequestError),
         ({"prompt": "", "subject": "Norway", "target_new": "Oslo"}, RequestError),
         ({"prompt": "The capital of Norway is", "subject": "", "target_new": "Oslo"}, RequestError),
+        ({"prompt": "The {} of {} is", "subject": "Norway", "target_new": "Oslo"}, RequestError),
     ],
 )
 def test_bad_requests_raise_and_leave_weights(request_, error, llama, tokenizer, corpus_file, tmp_path):

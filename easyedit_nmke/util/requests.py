@@ -44,8 +44,11 @@ def normalise_request(request: Mapping[str, Any]) -> EditRequest:
         raise RequestError(f"edit request has no subject: prompt {prompt!r}")
     if not target.strip():
         raise RequestError(f"edit request has an empty target_new: prompt {prompt!r}")
-    if "{}" in prompt:
-        prompt = prompt.format(subject)
+    # CounterFact-style templates hold one "{}" for the subject; other braces are literal text.
+    placeholders = prompt.count("{}")
+    if placeholders > 1:
+        raise RequestError(f"prompt {prompt!r} has {placeholders} '{{}}' placeholders; a template takes one, the subject")
+    prompt = prompt.replace("{}", subject)
     if subject not in prompt:
         raise RequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     return EditRequest(prompt=prompt, subject=subject, target=continuation(target))
