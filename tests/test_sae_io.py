@@ -215,6 +215,18 @@ def test_train_sae_gives_sane_metrics(model, tokenizer, corpus_file, tmp_path):
     json.dumps(metrics)  # serialisable as it is
 
 
+def test_sae_training_is_seeded_and_leaves_the_callers_random_state(model, tokenizer, corpus_file, tmp_path):
+    hp = train_hparams(corpus_file, tmp_path / "sae", sae_train_epochs=1)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first, _ = train_sae(model, tokenizer, hp, progress=False)
+    torch.testing.assert_close(torch.rand(3), expected_next, atol=0, rtol=0)  # caller's stream untouched
+    torch.manual_seed(7)  # another caller state: same SAE, since training seeds itself
+    second, _ = train_sae(model, tokenizer, hp, progress=False)
+    assert torch.equal(first.W_dec, second.W_dec) and torch.equal(first.W_enc, second.W_enc)
+
+
 def test_ensure_sae_trains_once_then_reuses(model, tokenizer, corpus_file, tmp_path, monkeypatch, capsys):
     hp = train_hparams(corpus_file, tmp_path / "cache" / "sae", sae_train_epochs=1)
     first = ensure_sae(model, tokenizer, hp, progress=False)

@@ -206,7 +206,18 @@ def _to_inference_sae(training_sae: nn.Module, scaling_factor: float) -> "TopKSA
 def fit_sae(
     train: torch.Tensor, hparams: MicroEditHyperParams, corpus: str = "", progress: bool = True
 ) -> Tuple["TopKSAE", Dict[str, Any]]:
-    """Train a TopK SAE on activations ``train`` [n, d_in] with SAE-Lens' trainer; (SAE, training info)."""
+    """Train a TopK SAE on activations ``train`` [n, d_in] with SAE-Lens' trainer; (SAE, training info).
+
+    Seeded by ``sae_train_seed``; the caller's random state is given back afterwards (an SAE
+    trained on first use inside an edit must not reseed the user's run).
+    """
+    with text_corpus.seeded_rng(hparams.sae_train_seed, train.device):
+        return _fit_sae_seeded(train, hparams, corpus, progress)
+
+
+def _fit_sae_seeded(
+    train: torch.Tensor, hparams: MicroEditHyperParams, corpus: str, progress: bool
+) -> Tuple["TopKSAE", Dict[str, Any]]:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -218,7 +229,6 @@ def fit_sae(
     steps = max(1, epochs * (n_train // batch))
     device = train.device
 
-    torch.manual_seed(hparams.sae_train_seed)
     metadata = SAEMetadata(
         model_name=hparams.model_name,
         hook_name=f"blocks.{hparams.layer}.hook_resid_post",
