@@ -43,16 +43,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def environment() -> Dict[str, Any]:
+def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Versions and the machine a run used; ``device`` is the model's (default: CPU)."""
     import transformers
 
+    device = torch.device(device or "cpu")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
-        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type,
     }
 
 
@@ -223,7 +225,14 @@ class _Checkpointer:
         digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
         self.fingerprint = digest.hexdigest()
 
-    def save(self, model: nn.Module, done: int, edit_seconds: float, result: RunResult, references) -> None:
+    def save(
+        self,
+        model: nn.Module,
+        done: int,
+        edit_seconds: float,
+        result: RunResult,
+        references: Sequence[Optional[torch.Tensor]],
+    ) -> None:
         if self.directory is None:
             return
         recover_checkpoint(self.directory)
@@ -255,7 +264,9 @@ class _Checkpointer:
         recover_checkpoint(self.directory)
         return _complete(self.directory / CHECKPOINT_NAMES[0])
 
-    def restore(self, model: nn.Module, n_records: int):
+    def restore(
+        self, model: nn.Module, n_records: int
+    ) -> Optional[Tuple[Dict[str, Any], List[Optional[torch.Tensor]]]]:
         if not self.exists():
             return None
         ckpt = self.directory / "checkpoint"
@@ -266,11 +277,18 @@ class _Checkpointer:
                 "use a new --work-dir"
             )
         weights = load_file(str(ckpt / "edited_weights.safetensors"))
+        params = {name: nethook.get_parameter(model, name) for name in weights}
+        for name, value in weights.items():
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"checkpoint in {self.directory}: {name} has shape {tuple(value.shape)}, "
+                    f"the model's {tuple(params[name].shape)}; it was saved from another model"
+                )
+        # The state first: if it cannot be loaded, the model keeps its own weights.
+        self.spec.load_state(model, ckpt / "state")
         with torch.no_grad():
             for name, value in weights.items():
-                param = nethook.get_parameter(model, name)
-                param.copy_(value.to(param.device, param.dtype))
-        self.spec.load_state(model, ckpt / "state")
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
         refs_raw = load_file(str(ckpt / "locality_reference.safetensors"))
         references = [refs_raw.get(str(i)) for i in range(n_records)]
         return progress, references
@@ -294,7 +312,7 @@ def run_lifelong(
         model=hparams.model_name,
         data=list(data_names),
         hparams=hparams_dict(hparams),
-        env=environment(),
+        env=environment(next(model.parameters()).device),
     )
     checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records)
     references: List[Optional[torch.Tensor]] = [None] * n
