@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .evaluate.bench import default_checkpoints  # argparse-only module, no torch import
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_HPARAMS = "hparams/NMKE/smollm2-135m.yaml"
 
@@ -49,8 +51,7 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
 
 def parse_eval_at(text: Optional[str], num_edits: int) -> List[int]:
     if not text:
-        points = [t for t in (1, 10, 100, 1000) if t < num_edits]
-        return points + [num_edits]
+        return default_checkpoints(num_edits)
     try:
         return sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
@@ -123,7 +124,7 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
     from .evaluate.records import DEMO_DATA, load_records
     from .evaluate.runner import RunConfig, results_table, run_lifelong
     from .methods import load_hparams, method_spec
-    from .util.model_loader import load_model_and_tokenizer
+    from .util.model_loader import load_model_and_tokenizer, run_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,10 +135,7 @@ def run_edit(args: argparse.Namespace) -> Dict[str, Any]:
     records = load_records(args.data, limit=args.num_edits)
     if args.num_edits is not None and len(records) < args.num_edits:
         print(f"[easyedit-nmke] only {len(records)} records available; running {len(records)} edits", file=sys.stderr)
-    device = hparams.device if isinstance(hparams.device, str) else f"cuda:{hparams.device}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("[easyedit-nmke] CUDA is not available; running on CPU", file=sys.stderr)
-        device = "cpu"
+    device = run_device(hparams)
     model, tok = load_model_and_tokenizer(hparams.model_name, device=device)
     spec = method_spec(hparams.alg_name)
     config = RunConfig(
@@ -179,7 +177,7 @@ def run_train_sae(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
     from .models.microedit.microedit_hparams import MicroEditHyperParams
     from .models.microedit.sae_io import save_sae
     from .models.microedit.train_sae import train_sae
-    from .util.model_loader import load_model_and_tokenizer
+    from .util.model_loader import load_model_and_tokenizer, run_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,10 +207,7 @@ def run_train_sae(args: argparse.Namespace, argv: Optional[Sequence[str]] = None
         raise SystemExit(f"{args.hparams} has no sae_path; give --out DIR")
     if out.exists() and not args.force:
         raise SystemExit(f"an SAE already exists at {out}; pass --force to replace it")
-    device = hparams.device if isinstance(hparams.device, str) else f"cuda:{hparams.device}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("[easyedit-nmke] CUDA is not available; running on CPU", file=sys.stderr)
-        device = "cpu"
+    device = run_device(hparams)
     model, tok = load_model_and_tokenizer(hparams.model_name, device=device)
     sae, metrics = train_sae(model, tok, hparams, progress=not args.no_progress)
     metrics["command"] = "easyedit-nmke " + " ".join(sys.argv[1:] if argv is None else argv)

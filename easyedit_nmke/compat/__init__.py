@@ -12,6 +12,7 @@ from .easyeditor_compat import (
     install_shims,
     is_easyeditor_installed,
     loaded_easyeditor_flavour,
+    map_cuda_cpu_device,
     weights_copy_for_easyeditor,
     when_imported,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "install_shims",
     "is_easyeditor_installed",
     "loaded_easyeditor_flavour",
+    "map_cuda_cpu_device",
     "weights_copy_for_easyeditor",
     "when_imported",
 ]

@@ -132,9 +132,10 @@ _MULTIMODAL_TRANSFORMERS_HELPERS = (
 )
 _CPU_WRAPPED_METHODS = ("__init__", "edit", "batch_edit", "edit_requests", "edit_dataset")
 
-# Process-wide on purpose, and the only module-level mutable state in the plugin: what
-# these record (finders on sys.meta_path, hooks on imported modules, the Tensor.to
-# redirect) is itself process-wide, so per-model state could not describe it.
+# Process-wide on purpose (like the Tensor.to redirect's counters below): what these
+# record (finders on sys.meta_path, hooks on imported modules, patched methods) is itself
+# process-wide, so per-model state could not describe it.  The plugin's editing state
+# lives on NMKEState / MicroEditState, attached to the edited model.
 _LOCK = threading.RLock()
 _SHIMS_INSTALLED = False
 _POST_IMPORT_HOOKS: Dict[str, List[Callable[[types.ModuleType], None]]] = {}
@@ -445,7 +446,8 @@ _REDIRECT_DEPTH = 0
 _REDIRECT_SAVED: Dict[str, Any] = {}
 
 
-def _map_device(value: Any) -> Any:
+def map_cuda_cpu_device(value: Any) -> Any:
+    """PyPI easyeditor builds ``f"cuda:{hparams.device}"``: with ``device: cpu`` that means ``"cpu"``."""
     if isinstance(value, str) and value.strip().lower() == _CUDA_CPU:
         return "cpu"
     return value
@@ -455,9 +457,9 @@ def _redirecting(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def to(self: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
-            args = tuple(_map_device(a) for a in args)
+            args = tuple(map_cuda_cpu_device(a) for a in args)
         if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
+            kwargs["device"] = map_cuda_cpu_device(kwargs["device"])
         return method(self, *args, **kwargs)
 
     return to

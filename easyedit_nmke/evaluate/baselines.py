@@ -51,9 +51,14 @@ import types
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import yaml
-
-from ..compat import cuda_spec_redirect, easyeditor_flavour, import_easyeditor, is_easyeditor_installed
+from ..compat import (
+    cuda_spec_redirect,
+    easyeditor_flavour,
+    import_easyeditor,
+    is_easyeditor_installed,
+    map_cuda_cpu_device,
+)
+from ..util.hparams import read_hparams_yaml
 
 PYPI_BASELINES = ("FT", "ROME", "MEMIT")
 UPSTREAM_BASELINES = ("AlphaEdit", "WISE", "GRACE")
@@ -93,15 +98,10 @@ def baseline_status(alg_name: str) -> Tuple[bool, str]:
 # ----------------------------------------------------------------------------------
 # CPU: "cuda:cpu" device strings inside easyeditor
 # ----------------------------------------------------------------------------------
-_CUDA_CPU = "cuda:cpu"
 _FACTORIES = (
     "tensor", "zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint",
     "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor",
 )
-
-
-def _fix(value: Any) -> Any:
-    return "cpu" if isinstance(value, str) and value.strip().lower() == _CUDA_CPU else value
 
 
 class _CpuTorch(types.ModuleType):
@@ -129,7 +129,7 @@ def _device_factory(device_cls):
             return isinstance(obj, device_cls)
 
         def __call__(cls, *args, **kwargs):
-            return device_cls(*(_fix(a) for a in args), **{k: _fix(v) for k, v in kwargs.items()})
+            return device_cls(*(map_cuda_cpu_device(a) for a in args), **{k: map_cuda_cpu_device(v) for k, v in kwargs.items()})
 
     class device(metaclass=_DeviceMeta):
         pass
@@ -142,7 +142,7 @@ def _factory(function):
     @functools.wraps(function)
     def call(*args, **kwargs):
         if "device" in kwargs:
-            kwargs["device"] = _fix(kwargs["device"])
+            kwargs["device"] = map_cuda_cpu_device(kwargs["device"])
         return function(*args, **kwargs)
 
     return call
@@ -285,7 +285,7 @@ class BaselineSpec:
         self._calls = 0
 
     # -- hparams ---------------------------------------------------------------
-    def load_hparams(self, path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None):
+    def load_hparams(self, path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None) -> Any:
         """The library's hparams class from a YAML in its format, plus overrides.
 
         The class's own ``from_hparams`` reads the YAML (WISE's turns ``act_margin`` into
@@ -294,9 +294,8 @@ class BaselineSpec:
         are dropped with a printed note and missing ones get ``_VERSION_DEFAULTS``.
         """
         overrides = dict(overrides or {})
-        with open(path, "r") as f:
-            raw = yaml.safe_load(f)
-        if not isinstance(raw, dict) or raw.get("alg_name") != self.alg_name:
+        path, raw = read_hparams_yaml(path)  # a clear error for a missing or malformed file
+        if raw.get("alg_name") != self.alg_name:
             raise ValueError(f"{path}: expected alg_name: {self.alg_name}")
         try:
             hparams = self.hparams_cls.from_hparams(str(path))
@@ -391,7 +390,16 @@ class BaselineSpec:
             torch.manual_seed(0)
             module.get_context_templates(model, tok, *args)
 
-    def apply(self, model, tok, requests, hparams, copy=False, return_orig_weights=False, **kwargs):
+    def apply(
+        self,
+        model: Any,
+        tok: Any,
+        requests: Sequence[Dict[str, Any]],
+        hparams: Any,
+        copy: bool = False,
+        return_orig_weights: bool = False,
+        **kwargs: Any,
+    ) -> Tuple[Any, Dict[str, Any]]:
         if self.alg_name == "WISE":
             if not self.loc_prompts:
                 raise ValueError("WISE needs loc_prompts (unrelated text from a training set); set spec.loc_prompts")
@@ -507,7 +515,9 @@ def _safe(name: str) -> str:
 # ----------------------------------------------------------------------------------
 # Covariance statistics in easyeditor's cache format
 # ----------------------------------------------------------------------------------
-def key_moments(model: Any, tok: Any, hparams: Any, layers: Optional[Sequence[int]] = None):
+def key_moments(
+    model: Any, tok: Any, hparams: Any, layers: Optional[Sequence[int]] = None
+) -> Dict[int, "torch.Tensor"]:
     """E[k kᵀ] of the rewrite modules' inputs over ``mom2_dataset`` (plugin cache, WikiText-2)."""
     from ..models.nmke.nullspace import key_second_moments
 

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .records import EditRecord
@@ -62,6 +62,13 @@ VARIANT_KEYS = {"NMKE": "mask_mode"}
 DEFAULT_VARIANT = {"NMKE": "hybrid"}
 # Variants that are not a value of VARIANT_KEYS: name -> overrides on top of the default variant.
 NAMED_VARIANTS = {"NMKE": {"zero_update": {"mask_application": "zero_update"}}}  # the authors' mask application
+def default_checkpoints(num_edits: int) -> List[int]:
+    """Evaluation points T when none are given: 1, 10, 100, 1000 below ``num_edits``, then it."""
+    return [t for t in (1, 10, 100, 1000) if t < num_edits] + [num_edits]
+
+
+# (model name, device=...) -> (model, tokenizer); tests pass tiny models through it.
+ModelLoader = Callable[..., Tuple[Any, Any]]
 
 
 class SkipMethod(Exception):
@@ -253,19 +260,6 @@ def _load_method(
     return spec, hparams, path
 
 
-def _device(hparams: Any) -> str:
-    import torch
-
-    device = getattr(hparams, "device", "cpu")
-    device = f"cuda:{device}" if isinstance(device, int) else str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("[bench] CUDA is not available; running on CPU", file=sys.stderr)
-        device = "cpu"
-    if device == "cpu" and hasattr(hparams, "device"):
-        hparams.device = "cpu"
-    return device
-
-
 def _has_parameter(model: Any, name: str) -> bool:
     from ..util import nethook
 
@@ -301,7 +295,7 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 
 
 def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_method: bool = False,
-             model_loader=None) -> Optional[Dict[str, Any]]:
+             model_loader: Optional[ModelLoader] = None) -> Optional[Dict[str, Any]]:
     """Run (or skip, or resume) one cell; returns its JSON, or None when skipped."""
     from .general import evaluate_general, snapshot, weight_drift
     from .records import load_records
@@ -340,7 +334,9 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
         print(f"[bench] {name}: {out_path} has another configuration; running again")
 
     print(f"[bench] {name}: {method.label} ({hparams_path}) on {dataset.name}, {n} edits, checkpoints {eval_at}")
-    device = _device(hparams)
+    from ..util.model_loader import run_device
+
+    device = run_device(hparams, caller="bench")
     if model_loader is None:
         from ..util.model_loader import load_model_and_tokenizer as model_loader
     model, tok = model_loader(hparams.model_name, device=device)
@@ -435,7 +431,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
 # ----------------------------------------------------------------------------------
 # The whole matrix
 # ----------------------------------------------------------------------------------
-def run_bench(config: BenchConfig, model_loader=None) -> Dict[str, Any]:
+def run_bench(config: BenchConfig, model_loader: Optional[ModelLoader] = None) -> Dict[str, Any]:
     """Run every cell (skipping finished ones), then write results.md and the plots."""
     datasets = [resolve_dataset(d, config.data_dir, config.metric) for d in config.datasets]
     methods = [parse_method(m) for m in config.methods]
@@ -815,7 +811,7 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> BenchConfig
     eval_at = sorted({int(x) for x in _split([args.eval_at])}) if args.eval_at else []
     num_edits = args.num_edits or (max(eval_at) if eval_at else 100)
     if not eval_at:
-        eval_at = [t for t in (1, 10, 100, 1000) if t < num_edits] + [num_edits]
+        eval_at = default_checkpoints(num_edits)
     general = None
     if not args.no_general:
         general = default_general_config(

@@ -29,7 +29,7 @@ if _Base is None:
         """Stand-in for ``easyeditor.util.hparams.HyperParams`` when EasyEdit is absent."""
 
         @classmethod
-        def from_json(cls, fpath: Union[str, Path]):
+        def from_json(cls, fpath: Union[str, Path]) -> Any:
             with open(fpath, "r") as f:
                 return cls(**json.load(f))
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -138,3 +139,17 @@ def load_model_and_tokenizer(
     model.to(device)
     model.eval()
     return model, tok
+
+
+def run_device(hparams: Any, caller: str = "easyedit-nmke") -> str:
+    """The device ``hparams.device`` names (EasyEdit writes a GPU index as an int), or CPU
+    when CUDA is absent; then ``hparams.device`` becomes ``"cpu"`` too, since PyPI
+    easyeditor builds ``f"cuda:{hparams.device}"`` from it."""
+    device = getattr(hparams, "device", "cpu")
+    device = f"cuda:{device}" if isinstance(device, int) else str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"[{caller}] CUDA is not available; running on CPU", file=sys.stderr)
+        device = "cpu"
+    if device == "cpu" and hasattr(hparams, "device"):
+        hparams.device = "cpu"
+    return device

@@ -8,7 +8,7 @@ the down projection as a ``[d, d_ff]`` matrix so the algorithm has one orientati
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -243,11 +243,7 @@ def logits_at(
     position saves most of the head's cost (vocab 49k-128k) in the inner loops.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[rows, cols])
-    cap = final_logit_softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return head_logits(model, hidden[rows, cols])
 
 
 # --------------------------------------------------------------------------- truncated forward
@@ -344,7 +340,19 @@ class SuffixReplay:
     numbers as the full model's at ``(rows, starts[rows] + cols)`` up to float rounding.
     """
 
-    def __init__(self, model, blocks, calls, past, norm, hidden, last_hidden, starts, lengths):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: List[nn.Module],
+        calls: List[Tuple[Tuple[Any, ...], Dict[str, Any]]],
+        past: Optional["_FixedPast"],
+        norm: nn.Module,
+        hidden: torch.Tensor,
+        last_hidden: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> None:
+        """Use ``build`` or ``whole``; ``calls[i]`` is the (args, kwargs) the model gave ``blocks[i]``."""
         self.model = model
         self.blocks = blocks
         self.calls = calls

@@ -159,6 +159,8 @@ def upper_blocks(
             expected = head_logits(model, replay.last_hidden[rows, cols]).float()
             replayed = replay.logits(replay.hidden, rows, cols).float()
         check_replay(replayed, expected, replay.hidden.dtype, "replay of the blocks above the SAE")
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        raise  # the full model in every step would need more memory, not less
     except Exception as exc:  # an architecture the replay does not fit
         warnings.warn(f"fast_path: {exc}; MicroEdit runs the full model in every stage-2 step")
         return None

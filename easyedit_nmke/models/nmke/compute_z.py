@@ -109,8 +109,8 @@ def compute_z(
     if hparams.fast_path:
         try:
             return _optimise(model, tok, request, hparams, layer, context_templates, key_layers, attribution, True)
-        except RequestError:
-            raise
+        except (RequestError, torch.cuda.OutOfMemoryError, MemoryError):
+            raise  # bad input, or no memory: the full forward would not help
         except Exception as exc:  # an architecture the truncated forward does not fit
             warnings.warn(f"fast_path: {exc}; using the full forward for the z optimisation")
     return _optimise(model, tok, request, hparams, layer, context_templates, (), False, False)

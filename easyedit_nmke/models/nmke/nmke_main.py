@@ -507,7 +507,7 @@ def apply_nmke_to_model(
         )
     if copy:
         model = copy_module.deepcopy(model)
-    state = kwargs.get("nmke_state") or prepare_state(model, tok, hparams)
+    state = prepare_state(model, tok, hparams)  # the model's attached state, else a new one
     if get_state(model) is not state:
         attach_state(model, state)
     originals = execute_nmke(model, tok, edit_requests, hparams, state)
