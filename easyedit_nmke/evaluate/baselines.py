@@ -472,7 +472,6 @@ class BaselineSpec:
                 )
             module.cache_c = load_file(str(path))["cache_c"]
             module.cache_c_new = True
-            self._alphaedit_restored = True
 
     # -- AlphaEdit (upstream) ---------------------------------------------------
     def _prepare_alphaedit(self, model: Any, tok: Any, hparams: Any) -> None:
@@ -487,10 +486,10 @@ class BaselineSpec:
         torch.save(P, hparams.P_loc)
         module.P = P
         module.P_loaded = True
-        if not getattr(self, "_alphaedit_restored", False):
-            d = P.shape[-1]
-            module.cache_c = torch.zeros((len(hparams.layers), d, d))
-            module.cache_c_new = True
+        # A fresh key cache; a resumed run loads its saved one afterwards (load_state).
+        d = P.shape[-1]
+        module.cache_c = torch.zeros((len(hparams.layers), d, d))
+        module.cache_c_new = True
 
 
 def _alphaedit_module() -> types.ModuleType:
