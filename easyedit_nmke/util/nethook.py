@@ -69,7 +69,11 @@ class StopForward(Exception):
 
 @contextlib.contextmanager
 def stop_after(model: nn.Module, name: str) -> Iterator[None]:
-    """Abort the forward pass once module ``name`` has run (catch ``StopForward`` around the call)."""
+    """Abort the forward pass once module ``name`` has run.
+
+    The ``with`` block ends at that point without an error, so the forward call should be
+    its last statement; hooks registered before this one (``capture``) have recorded by then.
+    """
 
     def hook(mod, args, output):
         raise StopForward
@@ -77,6 +81,8 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
     handle = get_module(model, name).register_forward_hook(hook)
     try:
         yield
+    except StopForward:
+        pass
     finally:
         handle.remove()
 

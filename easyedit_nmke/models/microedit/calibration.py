@@ -44,11 +44,8 @@ def input_ard(
         with switch.mode_set("off"), nethook.capture(model, [layer_name]) as record, nethook.stop_after(
             model, layer_name
         ):
-            try:
-                with torch.no_grad():
-                    model.base_model(input_ids=ids, attention_mask=mask)
-            except nethook.StopForward:
-                pass
+            with torch.no_grad():
+                model.base_model(input_ids=ids, attention_mask=mask)
         hidden = record[layer_name]
         ordinary = ordinary_positions(hidden, switch.massive_norm_factor, mask)
         with torch.no_grad():

@@ -63,11 +63,8 @@ class DecoderEdit:
 def block_output(model: nn.Module, layer_name: str, input_ids: torch.Tensor, switch: SAESwitch) -> torch.Tensor:
     """Output of the hooked block with the SAE bypassed (z), without running later blocks."""
     with switch.mode_set("off"), nethook.capture(model, [layer_name]) as record, nethook.stop_after(model, layer_name):
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        except nethook.StopForward:
-            pass
+        with torch.no_grad():
+            model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return record[layer_name]
 
 

@@ -23,8 +23,9 @@ from .calibration import calibrate_threshold, input_ard
 from .compute_decoder_edit import compute_decoder_edit
 from .microedit_hparams import MicroEditHyperParams
 from .sae_hook import SAESwitch
-from .sae_io import check_layer, ensure_sae
+from .sae_io import check_layer
 from .state import SAE_ATTRIBUTE, MicroEditState, attach_state, detach_microedit, get_state
+from .train_sae import ensure_sae
 
 DECODER_PARAMETER = f"{SAE_ATTRIBUTE}.W_dec"
 

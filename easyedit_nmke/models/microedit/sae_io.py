@@ -393,11 +393,3 @@ def read_metrics(directory: Union[str, Path]) -> Optional[Dict[str, Any]]:
     path = Path(directory) / METRICS_FILE
     return _read_json(path) if path.is_file() else None
 
-
-def ensure_sae(
-    model: nn.Module, tok: "PreTrainedTokenizerBase", hparams: "MicroEditHyperParams", progress: bool = True
-) -> "TopKSAE":
-    """``load_sae``, training and caching the SAE first when it is missing (see ``train_sae.ensure_sae``)."""
-    from .train_sae import ensure_sae as _ensure_sae
-
-    return _ensure_sae(model, tok, hparams, progress=progress)

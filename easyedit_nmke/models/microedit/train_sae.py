@@ -75,10 +75,7 @@ def _layer_output_batches(
         attention_mask = attention_mask.to(device)
         # capture's hook is registered first, so it records before stop_after aborts the pass.
         with torch.no_grad(), nethook.capture(model, [layer_name]) as record, nethook.stop_after(model, layer_name):
-            try:
-                model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask)
-            except nethook.StopForward:
-                pass
+            model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask)
         yield record[layer_name], attention_mask
 
 

@@ -27,10 +27,7 @@ def _forward_capture(
     ids, mask = pad_batch([encode(tok, t) for t in texts], pad_id(tok))
     with torch.no_grad(), nethook.capture(model, list(module_names), inputs=inputs) as record:
         with nethook.stop_after(model, last_block):
-            try:
-                model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            except nethook.StopForward:
-                pass
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
     return record
 
 
@@ -162,10 +159,7 @@ class SubjectReadout:
                 with nethook.record_calls(model, self.block_names) as calls, nethook.stop_after(
                     model, self.block_names[-1]
                 ):
-                    try:
-                        model.base_model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
-                    except nethook.StopForward:
-                        pass
+                    model.base_model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
                 self.calls = [calls[name] for name in self.block_names]
                 self.blocks = [nethook.get_module(model, name) for name in self.block_names]
             else:

@@ -92,21 +92,19 @@ def key_second_moments(
     if not windows:
         raise ValueError(f"mom2_dataset {hparams.mom2_dataset!r} yielded no text")
     batch = 16
-    with nethook.stop_after(model, top_block):
-        for start in tqdm(range(0, len(windows), batch), desc=f"key statistics, layers {missing}", leave=False):
-            input_ids, attention_mask = pad_batch(windows[start : start + batch], pad_id(tok))
-            valid = attention_mask.bool().to(device)
-            with torch.no_grad(), nethook.capture(model, list(names.values()), inputs=True) as record:
-                try:
-                    model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-                except nethook.StopForward:
-                    pass
-            for layer, name in names.items():
-                keys = record[name][valid].float()
-                # fp32 products of a few thousand tokens, summed in fp64 across batches.
-                moment = (keys.T @ keys).double()
-                sums[layer] = moment if sums[layer] is None else sums[layer] + moment
-            count += int(valid.sum())
+    for start in tqdm(range(0, len(windows), batch), desc=f"key statistics, layers {missing}", leave=False):
+        input_ids, attention_mask = pad_batch(windows[start : start + batch], pad_id(tok))
+        valid = attention_mask.bool().to(device)
+        with torch.no_grad(), nethook.capture(model, list(names.values()), inputs=True) as record, nethook.stop_after(
+            model, top_block
+        ):
+            model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        for layer, name in names.items():
+            keys = record[name][valid].float()
+            # fp32 products of a few thousand tokens, summed in fp64 across batches.
+            moment = (keys.T @ keys).double()
+            sums[layer] = moment if sums[layer] is None else sums[layer] + moment
+        count += int(valid.sum())
     for layer in missing:
         mom2 = (sums[layer] / count).to(getattr(torch, hparams.mom2_dtype)).cpu()
         path = directory / f"{_cache_key(model, hparams, layer, corpus)}.safetensors"
