@@ -340,8 +340,9 @@ def test_upstream_baselines_in_bench(setup, tmp_path):
     for alg in ("AlphaEdit", "WISE", "GRACE"):
         cell = json.loads((out / "cells" / f"zsre-T2__{alg}.json").read_text())
         assert [row["T"] for row in cell["runs"]] == [1, 2]
-        assert cell["bench"]["resumable"] == (alg == "AlphaEdit")
+        assert cell["bench"]["resumable"] == (alg != "WISE")
     assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.safetensors").is_file()
+    assert (out / "work" / "zsre-T2__GRACE" / "checkpoint" / "state" / "grace_codebook.safetensors").is_file()
     assert "note" in json.loads((out / "cells" / "zsre-T2__WISE.json").read_text())["weight_drift"]
 
 
@@ -386,6 +387,53 @@ def test_baseline_cell_resumes_like_a_straight_run(tokenizer, tmp_path, monkeypa
     assert not torch.equal(resumed.get_parameter(name), tiny_model("llama", len(tokenizer)).get_parameter(name))
 
 
+@pytest.mark.skipif(not _upstream(), reason="needs upstream EasyEdit (GRACE)")
+def test_grace_cell_resumes_like_a_straight_run(tokenizer, tmp_path):
+    """A GRACE run killed after its T=1 checkpoint ends with the same codebook and scores."""
+    from easyedit_nmke.evaluate.baselines import BaselineSpec
+    from easyedit_nmke.evaluate.records import record_from_dict
+    from easyedit_nmke.evaluate.runner import RunConfig, run_lifelong
+    from easyedit_nmke.util import nethook
+
+    spec = BaselineSpec("GRACE")
+    hparams = spec.load_hparams(REPO / "hparams/baselines/GRACE/smollm2-135m.yaml", dict(
+        model_name="tiny-llama", inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=5))
+    records = [record_from_dict(r) for r in ZSRE[:3]]
+    config = RunConfig(eval_at=[1, 3], progress=False)
+    layer = "model.layers.2.mlp.down_proj"
+
+    def codebook(model):
+        adapter = nethook.get_module(model, layer)
+        return [adapter.keys, adapter.values.detach(), adapter.epsilons, *adapter.key_labels]
+
+    straight = tiny_model("llama", len(tokenizer))
+    expected = run_lifelong(straight, tokenizer, hparams, BaselineSpec("GRACE"), records, config)
+
+    real_apply, calls = spec._apply_fn, {"n": 0}
+
+    def dying_apply(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_apply(*args, **kwargs)
+
+    spec._apply_fn = dying_apply
+    torch.manual_seed(1234)  # another process state: the edits seed themselves
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config,
+                     work_dir=tmp_path / "work")
+    resumed = tiny_model("llama", len(tokenizer))
+    fresh_spec = BaselineSpec("GRACE")  # a new process: nothing carried over in the spec
+    result = run_lifelong(resumed, tokenizer, hparams, fresh_spec, records, config, work_dir=tmp_path / "work")
+    assert [(row["T"], row["rel"], row["gen"], row["loc"]) for row in result.runs] == [
+        (row["T"], row["rel"], row["gen"], row["loc"]) for row in expected.runs
+    ]
+    assert len(codebook(resumed)) == len(codebook(straight)) > 3
+    for got, want in zip(codebook(resumed), codebook(straight)):
+        assert torch.equal(got, want)
+    assert nethook.get_module(resumed, layer).edit_ids == nethook.get_module(straight, layer).edit_ids
+
+
 def test_alphaedit_cache_checkpoint_is_safetensors(tmp_path, monkeypatch):
     """Upstream AlphaEdit's lifelong cache round-trips through safetensors (never a pickle)."""
     import types
@@ -395,7 +443,7 @@ def test_alphaedit_cache_checkpoint_is_safetensors(tmp_path, monkeypatch):
     module = types.SimpleNamespace(cache_c=torch.randn(2, 4, 4), cache_c_new=False)
     monkeypatch.setattr(baselines, "_alphaedit_module", lambda: module)
     spec = object.__new__(baselines.BaselineSpec)  # no easyeditor needed for the state I/O
-    spec.alg_name, spec.adapter_based = "AlphaEdit", False
+    spec.alg_name, spec.adapter_based, spec.resumable = "AlphaEdit", False, True
     saved = module.cache_c.clone()
     spec.save_state(None, tmp_path / "state")
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["alphaedit_cache_c.safetensors"]

@@ -36,8 +36,12 @@ What the runner needs from each, offline on a CPU:
   ``cache_c`` (zeros for a new run); ``cache_c`` is saved at checkpoints.
 * **WISE/GRACE** (upstream) put adapter modules into the model and keep their edits
   there (WISE keeps one side memory across calls only with
-  ``hparams.sequential_edit = True``, which is set here).  Their state is not saved:
-  a killed WISE/GRACE cell restarts from the first edit.
+  ``hparams.sequential_edit = True``, which is set here).  Each of their edits runs
+  under its own torch seed (the edit's index), so a cell is reproducible.  GRACE's
+  codebook (keys, values, radii, labels, the query position) is saved at checkpoints
+  in safetensors + JSON and put back into a fresh adapter on resume.  WISE's state
+  (side memories, merge counters, numpy masks, module-level edit histories) is not
+  saved: a killed WISE cell restarts from the first edit.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ import dataclasses
 import functools
 import inspect
 import io
+import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -65,6 +71,9 @@ UPSTREAM_BASELINES = ("AlphaEdit", "WISE", "GRACE")
 BASELINES = PYPI_BASELINES + UPSTREAM_BASELINES
 # Methods whose edits live in adapter modules inside the model, not in its weights.
 ADAPTER_BASELINES = frozenset({"WISE", "GRACE"})
+UNRESUMABLE_BASELINES = frozenset({"WISE"})
+# What a GRACE adapter holds between edits; the rest is set by each edit or is config.
+GRACE_CODEBOOK_TENSORS = ("keys", "values", "epsilons")
 # Hyper-parameter classes whose name is not f"{alg}HyperParams".
 _HPARAMS_CLASS = {"GRACE": "GraceHyperParams"}
 # Required fields that one EasyEdit version has and the other lacks, with the value
@@ -278,7 +287,9 @@ class BaselineSpec:
             cls = getattr(sys.modules[self._apply_fn.__module__.rsplit(".", 1)[0]], class_name)
         self.hparams_cls = cls
         self.adapter_based = alg_name in ADAPTER_BASELINES
+        self.resumable = alg_name not in UNRESUMABLE_BASELINES
         self._param_names: Optional[List[str]] = None
+        self._hparams: Any = None  # from prepare: GRACE's checkpoint I/O needs its layer and device
         # WISE trains its router against unrelated text ("loc_prompt", which upstream's
         # BaseEditor adds from a training set's locality pairs); handed out in turn.
         self.loc_prompts: List[str] = []
@@ -352,6 +363,7 @@ class BaselineSpec:
         return [_weight_name(hparams.rewrite_module_tmp.format(layer)) for layer in hparams.layers]
 
     def prepare(self, model: Any, tok: Any, hparams: Any) -> None:
+        self._hparams = hparams
         if not getattr(model.config, "_name_or_path", ""):
             # easyeditor keys its statistics by this; a model built from a config has none.
             model.config._name_or_path = str(hparams.model_name)
@@ -407,6 +419,7 @@ class BaselineSpec:
                 dict(r, loc_prompt=r.get("loc_prompt") or self.loc_prompts[(self._calls + i) % len(self.loc_prompts)])
                 for i, r in enumerate(requests)
             ]
+        edit_index = self._calls
         self._calls += len(requests)
         # Upstream normalises devices itself; PyPI writes f"cuda:{hparams.device}".
         pypi = self.flavour == "pypi"
@@ -416,8 +429,11 @@ class BaselineSpec:
         # easyeditor prints every step and draws empty tqdm bars (layer_stats) on each edit.
         quiet = contextlib.redirect_stdout(output) if self.quiet else contextlib.nullcontext()
         quiet_err = contextlib.redirect_stderr(output) if self.quiet else contextlib.nullcontext()
+        # WISE/GRACE draw random values and masks per edit (GRACE's cold value init): seeded
+        # by the edit's index, so a cell is reproducible and a resumed GRACE cell exact.
+        seeded = _seeded_edit(edit_index, model) if self.adapter_based else contextlib.nullcontext()
         try:
-            with device_ctx, tuples, quiet, quiet_err:
+            with device_ctx, tuples, quiet, quiet_err, seeded:
                 result = self._apply_fn(
                     model, tok, requests, hparams, copy=copy, return_orig_weights=False, keep_original_weight=False
                 )
@@ -443,10 +459,12 @@ class BaselineSpec:
     def save_state(self, model: Any, directory: Union[str, Path]) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.adapter_based:
+        if not self.resumable:
             raise NotImplementedError(
                 f"{self.alg_name} keeps its edits in adapter modules; checkpoints are not supported"
             )
+        if self.alg_name == "GRACE":
+            save_grace_codebook(model, self._grace_layer(), self._calls, directory)
         if self.alg_name == "AlphaEdit":
             from safetensors.torch import save_file
 
@@ -455,11 +473,13 @@ class BaselineSpec:
             save_file({"cache_c": cache_c}, str(directory / "alphaedit_cache_c.safetensors"))
 
     def load_state(self, model: Any, directory: Union[str, Path]) -> None:
-        if self.adapter_based:
+        if not self.resumable:
             raise NotImplementedError(
                 f"{self.alg_name} keeps its edits in adapter modules; resuming is not supported "
                 "(delete the cell's work dir to restart it)"
             )
+        if self.alg_name == "GRACE":
+            self._calls = load_grace_codebook(model, self._hparams, self._grace_layer(), directory)
         if self.alg_name == "AlphaEdit":
             from safetensors.torch import load_file
 
@@ -472,6 +492,11 @@ class BaselineSpec:
                 )
             module.cache_c = load_file(str(path))["cache_c"]
             module.cache_c_new = True
+
+    def _grace_layer(self) -> str:
+        if self._hparams is None:
+            raise RuntimeError("GRACE's checkpoint needs the run's hparams: call prepare first")
+        return grace_layer_name(self._hparams)
 
     # -- AlphaEdit (upstream) ---------------------------------------------------
     def _prepare_alphaedit(self, model: Any, tok: Any, hparams: Any) -> None:
@@ -490,6 +515,125 @@ class BaselineSpec:
         d = P.shape[-1]
         module.cache_c = torch.zeros((len(hparams.layers), d, d))
         module.cache_c_new = True
+
+
+@contextlib.contextmanager
+def _seeded_edit(edit_index: int, model: Any) -> Iterator[None]:
+    """torch and numpy seeded with ``edit_index`` for one edit; the caller's states come back."""
+    import numpy as np
+
+    from ..util.corpus import seeded_rng
+
+    numpy_state = np.random.get_state()
+    try:
+        with seeded_rng(edit_index, next(model.parameters()).device):
+            np.random.seed(edit_index)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+
+
+# --------------------------------------------------------------------------------
+# GRACE's codebook in checkpoints (safetensors + JSON, never a pickle)
+# --------------------------------------------------------------------------------
+GRACE_FILES = ("grace_codebook.safetensors", "grace_codebook.json")
+
+
+def grace_layer_name(hparams: Any) -> str:
+    """The module GRACE wraps: ``inner_params[0]`` without ``.weight`` and with ``[i]`` as ``.i``."""
+    name = re.sub(r"\[(\d+)\]", r".\1", str(hparams.inner_params[0]))
+    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+
+
+class _Close:
+    """End-of-list marker on ``_flatten_nested``'s stack."""
+
+
+def _flatten_nested(value: Any) -> List[Any]:
+    """A nested list as a flat token list (GRACE nests its edit ids one level per edit,
+    deeper than JSON encoders recurse after ~1,000 edits)."""
+    tokens: List[Any] = []
+    stack: List[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Close):
+            tokens.append(["]"])
+        elif isinstance(item, list):
+            tokens.append(["["])
+            stack.append(_Close())
+            stack.extend(reversed(item))
+        else:
+            tokens.append(["v", item])
+    return tokens
+
+
+def _unflatten_nested(tokens: Sequence[Sequence[Any]]) -> Any:
+    stack: List[List[Any]] = [[]]
+    for token in tokens:
+        if token[0] == "[":
+            stack.append([])
+        elif token[0] == "]":
+            done = stack.pop()
+            stack[-1].append(done)
+        else:
+            stack[-1].append(token[1])
+    if len(stack) != 1 or len(stack[0]) != 1:
+        raise ValueError("malformed nested list in the GRACE checkpoint")
+    return stack[0][0]
+
+
+def save_grace_codebook(model: Any, layer: str, edits_done: int, directory: Union[str, Path]) -> None:
+    """Write the GRACE adapter's codebook at ``layer`` (none before the first edit)."""
+    from safetensors.torch import save_file
+
+    from ..util import nethook
+
+    directory = Path(directory)
+    adapter = nethook.get_module(model, layer)
+    meta: Dict[str, Any] = {"layer": layer, "edits_done": edits_done, "codebook": "keys" in adapter.__dict__}
+    tensors: Dict[str, Any] = {}
+    if meta["codebook"]:
+        for name in GRACE_CODEBOOK_TENSORS:
+            tensors[name] = getattr(adapter, name).detach().cpu().contiguous()
+        for i, label in enumerate(adapter.key_labels):
+            tensors[f"key_label.{i}"] = label.detach().cpu().contiguous()
+        meta["key_labels"] = len(adapter.key_labels)
+        meta["edit_ids"] = _flatten_nested(adapter.edit_ids)
+        meta["key_id"] = int(adapter.key_id)
+    save_file(tensors, str(directory / GRACE_FILES[0]))
+    (directory / GRACE_FILES[1]).write_text(json.dumps(meta))
+
+
+def load_grace_codebook(model: Any, hparams: Any, layer: str, directory: Union[str, Path]) -> int:
+    """Wrap ``layer`` in a GRACE adapter holding the saved codebook; returns the edits done."""
+    import importlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..util import nethook
+
+    directory = Path(directory)
+    if not all((directory / name).is_file() for name in GRACE_FILES):
+        raise FileNotFoundError(f"no GRACE codebook in {directory}: delete the cell's work dir to restart it")
+    meta = json.loads((directory / GRACE_FILES[1]).read_text())
+    if meta.get("layer") != layer:
+        raise ValueError(f"GRACE checkpoint in {directory} is for {meta.get('layer')!r}, the hparams name {layer!r}")
+    tensors = load_file(str(directory / GRACE_FILES[0]))
+    grace = importlib.import_module("easyeditor.models.grace.GRACE")
+    device = next(model.parameters()).device
+    grace.GRACE(config=hparams, model=model, device=device)  # wraps the layer, as the first edit does
+    adapter = nethook.get_module(model, layer)
+    if not isinstance(adapter, grace.GRACEAdapter):
+        raise ValueError(f"{layer} is not wrapped by a GRACE adapter after setup")
+    if meta["codebook"]:
+        adapter.keys = tensors["keys"].to(device)
+        adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)
+        adapter.epsilons = tensors["epsilons"].to(device)
+        adapter.key_labels = [tensors[f"key_label.{i}"].to(device) for i in range(meta["key_labels"])]
+        adapter.edit_ids = _unflatten_nested(meta["edit_ids"])
+        adapter.key_id = meta["key_id"]
+    return int(meta["edits_done"])
 
 
 def _alphaedit_module() -> types.ModuleType:

@@ -311,6 +311,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     out_path = config.out_dir / "cells" / f"{name}.json"
     work = config.out_dir / "work" / name
     adapter_based = getattr(spec, "adapter_based", False)
+    resumable = getattr(spec, "resumable", True)
     fingerprint = {
         "method": method.label,
         "dataset": dataset.name,
@@ -368,9 +369,9 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     spec = _SnapshotAfterPrepare(spec, [n for n in edited_names if n not in originals], originals)
 
     run_work: Optional[Path] = work
-    if adapter_based:
+    if not resumable:
         run_work = None
-        print(f"[bench] {name}: {method.alg} keeps its edits in adapter modules; no checkpoints, "
+        print(f"[bench] {name}: {method.alg}'s state is not saved; no checkpoints, "
               "an interrupted cell starts again from the first edit")
     try:
         result = run_lifelong(
@@ -417,7 +418,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
         "metric": dataset.metric,
         "hparams_file": str(hparams_path),
         "work_dir": str(work),
-        "resumable": not adapter_based,
+        "resumable": resumable,
         "config_hash": config_hash,
     }
     _write_json(out_path, data)
