@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong benchmark matrix of issue 4, cell by cell (one process per method x dataset
 # cell), resumable: rerun the same command after an interruption and finished cells are
-# skipped, unfinished ones continue from their last checkpoint (WISE restarts).
+# skipped, unfinished ones continue from their last checkpoint.
 #
 #   scripts/run_benchmarks.sh                      # every group below, in this order
 #   scripts/run_benchmarks.sh zsre100 halluc100    # some groups

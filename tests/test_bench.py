@@ -11,6 +11,7 @@ import importlib
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,7 +327,7 @@ def no_network(monkeypatch):
 
 @pytest.mark.skipif(not _upstream(), reason="needs upstream EasyEdit (AlphaEdit, WISE, GRACE)")
 def test_upstream_baselines_in_bench(setup, tmp_path):
-    """AlphaEdit resumes from checkpoints (weights + its key cache); WISE/GRACE run without."""
+    """AlphaEdit, WISE and GRACE run in the bench and checkpoint their state."""
     data = tmp_path / "data"
     shutil.copytree(setup["data"], data)
     # WISE's unrelated text: a train split whose locality questions the run does not score
@@ -340,9 +341,11 @@ def test_upstream_baselines_in_bench(setup, tmp_path):
     for alg in ("AlphaEdit", "WISE", "GRACE"):
         cell = json.loads((out / "cells" / f"zsre-T2__{alg}.json").read_text())
         assert [row["T"] for row in cell["runs"]] == [1, 2]
-        assert cell["bench"]["resumable"] == (alg != "WISE")
-    assert (out / "work" / "zsre-T2__AlphaEdit" / "checkpoint" / "state" / "alphaedit_cache_c.safetensors").is_file()
-    assert (out / "work" / "zsre-T2__GRACE" / "checkpoint" / "state" / "grace_codebook.safetensors").is_file()
+        assert cell["bench"]["resumable"]
+    state = out / "work" / "zsre-T2__{}" / "checkpoint" / "state"
+    assert (Path(str(state).format("AlphaEdit")) / "alphaedit_cache_c.safetensors").is_file()
+    assert (Path(str(state).format("GRACE")) / "grace_codebook.safetensors").is_file()
+    assert (Path(str(state).format("WISE")) / "wise_state.safetensors").is_file()
     assert "note" in json.loads((out / "cells" / "zsre-T2__WISE.json").read_text())["weight_drift"]
 
 
@@ -387,51 +390,71 @@ def test_baseline_cell_resumes_like_a_straight_run(tokenizer, tmp_path, monkeypa
     assert not torch.equal(resumed.get_parameter(name), tiny_model("llama", len(tokenizer)).get_parameter(name))
 
 
-@pytest.mark.skipif(not _upstream(), reason="needs upstream EasyEdit (GRACE)")
-def test_grace_cell_resumes_like_a_straight_run(tokenizer, tmp_path):
-    """A GRACE run killed after its T=1 checkpoint ends with the same codebook and scores."""
+def _adapter_state(alg, model, layer):
+    from easyedit_nmke.util import nethook
+
+    adapter = nethook.get_module(model, layer)
+    if alg == "GRACE":
+        return [adapter.keys, adapter.values.detach(), adapter.epsilons, *adapter.key_labels]
+    return [adapter.new_weight.detach(), adapter.layer.weight, adapter.weight_mask, *adapter.memory_weight]
+
+
+@pytest.mark.skipif(not _upstream(), reason="needs upstream EasyEdit (GRACE, WISE)")
+@pytest.mark.parametrize("alg, overrides", [
+    ("GRACE", dict(n_iter=5)),
+    # save and merge every 1 and 2 edits, so the killed run's checkpoint holds a merged memory
+    ("WISE", dict(n_iter=5, save_freq=1, merge_freq=2)),
+])
+def test_adapter_cell_resumes_like_a_straight_run(alg, overrides, tokenizer, tmp_path):
+    """A GRACE/WISE run killed after a checkpoint ends with the same adapter state and scores."""
     from easyedit_nmke.evaluate.baselines import BaselineSpec
     from easyedit_nmke.evaluate.records import record_from_dict
     from easyedit_nmke.evaluate.runner import RunConfig, run_lifelong
-    from easyedit_nmke.util import nethook
 
-    spec = BaselineSpec("GRACE")
-    hparams = spec.load_hparams(REPO / "hparams/baselines/GRACE/smollm2-135m.yaml", dict(
-        model_name="tiny-llama", inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=5))
-    records = [record_from_dict(r) for r in ZSRE[:3]]
-    config = RunConfig(eval_at=[1, 3], progress=False)
+    def new_spec():
+        spec = BaselineSpec(alg)
+        spec.loc_prompts = ["nq question: who wrote the iliad", "nq question: where is the louvre"]
+        return spec
+
+    hparams = new_spec().load_hparams(REPO / f"hparams/baselines/{alg}/smollm2-135m.yaml", dict(
+        model_name="tiny-llama", inner_params=["model.layers[2].mlp.down_proj.weight"], **overrides))
+    third = {"subject": "Danube", "src": "Into which sea does the Danube flow?", "alt": "Baltic Sea",
+             "answers": ["Black Sea"], "rephrase": "The Danube ends in which sea?",
+             "loc": "nq question: who discovered penicillin", "loc_ans": "Alexander Fleming"}
+    records = [record_from_dict(r) for r in [*ZSRE, third]]
+    # The killed run's checkpoint is T=2; one prompt per forward, since upstream WISE's
+    # retrieval over saved memories compares a per-prompt distance as one boolean.
+    config = RunConfig(eval_at=[2, 3], progress=False, batch_size=1)
     layer = "model.layers.2.mlp.down_proj"
 
-    def codebook(model):
-        adapter = nethook.get_module(model, layer)
-        return [adapter.keys, adapter.values.detach(), adapter.epsilons, *adapter.key_labels]
-
     straight = tiny_model("llama", len(tokenizer))
-    expected = run_lifelong(straight, tokenizer, hparams, BaselineSpec("GRACE"), records, config)
+    expected = run_lifelong(straight, tokenizer, hparams, new_spec(), records, config)
+    expected_state = [x.clone() for x in _adapter_state(alg, straight, layer)]
 
-    real_apply, calls = spec._apply_fn, {"n": 0}
+    killed = new_spec()
+    real_apply, calls = killed._apply_fn, {"n": 0}
 
     def dying_apply(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
         return real_apply(*args, **kwargs)
 
-    spec._apply_fn = dying_apply
+    killed._apply_fn = dying_apply
     torch.manual_seed(1234)  # another process state: the edits seed themselves
     with pytest.raises(KeyboardInterrupt):
-        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config,
+        run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, killed, records, config,
                      work_dir=tmp_path / "work")
     resumed = tiny_model("llama", len(tokenizer))
-    fresh_spec = BaselineSpec("GRACE")  # a new process: nothing carried over in the spec
-    result = run_lifelong(resumed, tokenizer, hparams, fresh_spec, records, config, work_dir=tmp_path / "work")
+    # a new spec, as in a new process (WISE's module-level histories are reset by prepare)
+    result = run_lifelong(resumed, tokenizer, hparams, new_spec(), records, config, work_dir=tmp_path / "work")
     assert [(row["T"], row["rel"], row["gen"], row["loc"]) for row in result.runs] == [
         (row["T"], row["rel"], row["gen"], row["loc"]) for row in expected.runs
     ]
-    assert len(codebook(resumed)) == len(codebook(straight)) > 3
-    for got, want in zip(codebook(resumed), codebook(straight)):
+    state = _adapter_state(alg, resumed, layer)
+    assert len(state) == len(expected_state) > 3
+    for got, want in zip(state, expected_state):
         assert torch.equal(got, want)
-    assert nethook.get_module(resumed, layer).edit_ids == nethook.get_module(straight, layer).edit_ids
 
 
 def test_alphaedit_cache_checkpoint_is_safetensors(tmp_path, monkeypatch):

@@ -37,11 +37,9 @@ What the runner needs from each, offline on a CPU:
 * **WISE/GRACE** (upstream) put adapter modules into the model and keep their edits
   there (WISE keeps one side memory across calls only with
   ``hparams.sequential_edit = True``, which is set here).  Each of their edits runs
-  under its own torch seed (the edit's index), so a cell is reproducible.  GRACE's
-  codebook (keys, values, radii, labels, the query position) is saved at checkpoints
-  in safetensors + JSON and put back into a fresh adapter on resume.  WISE's state
-  (side memories, merge counters, numpy masks, module-level edit histories) is not
-  saved: a killed WISE cell restarts from the first edit.
+  with torch, numpy and ``random`` seeded by the edit's index, so a cell is
+  reproducible; their adapter state is saved at checkpoints in safetensors + JSON and
+  put back into a fresh adapter on resume (:mod:`.adapter_checkpoints`).
 """
 from __future__ import annotations
 
@@ -50,8 +48,6 @@ import dataclasses
 import functools
 import inspect
 import io
-import json
-import re
 import sys
 import types
 from pathlib import Path
@@ -71,9 +67,6 @@ UPSTREAM_BASELINES = ("AlphaEdit", "WISE", "GRACE")
 BASELINES = PYPI_BASELINES + UPSTREAM_BASELINES
 # Methods whose edits live in adapter modules inside the model, not in its weights.
 ADAPTER_BASELINES = frozenset({"WISE", "GRACE"})
-UNRESUMABLE_BASELINES = frozenset({"WISE"})
-# What a GRACE adapter holds between edits; the rest is set by each edit or is config.
-GRACE_CODEBOOK_TENSORS = ("keys", "values", "epsilons")
 # Hyper-parameter classes whose name is not f"{alg}HyperParams".
 _HPARAMS_CLASS = {"GRACE": "GraceHyperParams"}
 # Required fields that one EasyEdit version has and the other lacks, with the value
@@ -287,9 +280,11 @@ class BaselineSpec:
             cls = getattr(sys.modules[self._apply_fn.__module__.rsplit(".", 1)[0]], class_name)
         self.hparams_cls = cls
         self.adapter_based = alg_name in ADAPTER_BASELINES
-        self.resumable = alg_name not in UNRESUMABLE_BASELINES
         self._param_names: Optional[List[str]] = None
-        self._hparams: Any = None  # from prepare: GRACE's checkpoint I/O needs its layer and device
+        self._hparams: Any = None  # from prepare: GRACE/WISE checkpoints need the wrapped layer
+        # Upstream WISE's retrieval over saved memories (after save_freq edits) compares a
+        # per-prompt distance as one boolean, so it is scored one prompt per forward.
+        self.eval_batch_size: Optional[int] = 1 if alg_name == "WISE" else None
         # WISE trains its router against unrelated text ("loc_prompt", which upstream's
         # BaseEditor adds from a training set's locality pairs); handed out in turn.
         self.loc_prompts: List[str] = []
@@ -364,6 +359,10 @@ class BaselineSpec:
 
     def prepare(self, model: Any, tok: Any, hparams: Any) -> None:
         self._hparams = hparams
+        if self.alg_name == "WISE":
+            from .adapter_checkpoints import reset_wise_histories
+
+            reset_wise_histories()  # module-level in upstream: another cell's edits must not leak in
         if not getattr(model.config, "_name_or_path", ""):
             # easyeditor keys its statistics by this; a model built from a config has none.
             model.config._name_or_path = str(hparams.model_name)
@@ -375,7 +374,7 @@ class BaselineSpec:
         self._context_templates(model, tok, hparams)
 
     def _context_templates(self, model: Any, tok: Any, hparams: Any) -> None:
-        """Generate ROME/MEMIT/AlphaEdit's cached context prefixes now, seeded, on the unedited model.
+        """Generate ROME/MEMIT/AlphaEdit/WISE's cached context prefixes now, seeded, on the unedited model.
 
         Their code samples them (unseeded in PyPI) at the first edit and keeps them for the
         process; here they come from seed 0 before any checkpoint is restored, so a resumed
@@ -389,11 +388,16 @@ class BaselineSpec:
             "ROME": "easyeditor.models.rome.rome_main",
             "MEMIT": "easyeditor.models.memit.memit_main",
             "AlphaEdit": "easyeditor.models.alphaedit.AlphaEdit_main",
+            "WISE": "easyeditor.models.wise.utils",
         }.get(self.alg_name)
         if module_name is None:
             return
         module = importlib.import_module(module_name)
-        args = (hparams.context_template_length_params,) if self.alg_name == "ROME" else ()
+        args: Tuple[Any, ...] = ()
+        if self.alg_name == "ROME":
+            args = (hparams.context_template_length_params,)
+        elif self.alg_name == "WISE":  # apply_wise_to_model's own length_params
+            args = ([[5, 5], [10, 5]], next(model.parameters()).device)
         cpu = self.flavour == "pypi" and _is_cpu(hparams)
         module.CONTEXT_TEMPLATES_CACHE = None
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()), (
@@ -459,12 +463,11 @@ class BaselineSpec:
     def save_state(self, model: Any, directory: Union[str, Path]) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if not self.resumable:
-            raise NotImplementedError(
-                f"{self.alg_name} keeps its edits in adapter modules; checkpoints are not supported"
-            )
-        if self.alg_name == "GRACE":
-            save_grace_codebook(model, self._grace_layer(), self._calls, directory)
+        if self.adapter_based:
+            from .adapter_checkpoints import save_grace_codebook, save_wise_state
+
+            save = save_grace_codebook if self.alg_name == "GRACE" else save_wise_state
+            save(model, self._adapter_layer(), self._calls, directory)
         if self.alg_name == "AlphaEdit":
             from safetensors.torch import save_file
 
@@ -473,13 +476,11 @@ class BaselineSpec:
             save_file({"cache_c": cache_c}, str(directory / "alphaedit_cache_c.safetensors"))
 
     def load_state(self, model: Any, directory: Union[str, Path]) -> None:
-        if not self.resumable:
-            raise NotImplementedError(
-                f"{self.alg_name} keeps its edits in adapter modules; resuming is not supported "
-                "(delete the cell's work dir to restart it)"
-            )
-        if self.alg_name == "GRACE":
-            self._calls = load_grace_codebook(model, self._hparams, self._grace_layer(), directory)
+        if self.adapter_based:
+            from .adapter_checkpoints import load_grace_codebook, load_wise_state
+
+            load = load_grace_codebook if self.alg_name == "GRACE" else load_wise_state
+            self._calls = load(model, self._hparams, self._adapter_layer(), directory)
         if self.alg_name == "AlphaEdit":
             from safetensors.torch import load_file
 
@@ -493,10 +494,12 @@ class BaselineSpec:
             module.cache_c = load_file(str(path))["cache_c"]
             module.cache_c_new = True
 
-    def _grace_layer(self) -> str:
+    def _adapter_layer(self) -> str:
         if self._hparams is None:
-            raise RuntimeError("GRACE's checkpoint needs the run's hparams: call prepare first")
-        return grace_layer_name(self._hparams)
+            raise RuntimeError(f"{self.alg_name}'s checkpoint needs the run's hparams: call prepare first")
+        from .adapter_checkpoints import adapter_layer_name
+
+        return adapter_layer_name(self._hparams)
 
     # -- AlphaEdit (upstream) ---------------------------------------------------
     def _prepare_alphaedit(self, model: Any, tok: Any, hparams: Any) -> None:
@@ -519,121 +522,23 @@ class BaselineSpec:
 
 @contextlib.contextmanager
 def _seeded_edit(edit_index: int, model: Any) -> Iterator[None]:
-    """torch and numpy seeded with ``edit_index`` for one edit; the caller's states come back."""
+    """torch, numpy and ``random`` seeded with ``edit_index`` for one edit (WISE draws from all
+    three); the caller's states come back."""
+    import random
+
     import numpy as np
 
     from ..util.corpus import seeded_rng
 
-    numpy_state = np.random.get_state()
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         with seeded_rng(edit_index, next(model.parameters()).device):
             np.random.seed(edit_index)
+            random.seed(edit_index)
             yield
     finally:
         np.random.set_state(numpy_state)
-
-
-# --------------------------------------------------------------------------------
-# GRACE's codebook in checkpoints (safetensors + JSON, never a pickle)
-# --------------------------------------------------------------------------------
-GRACE_FILES = ("grace_codebook.safetensors", "grace_codebook.json")
-
-
-def grace_layer_name(hparams: Any) -> str:
-    """The module GRACE wraps: ``inner_params[0]`` without ``.weight`` and with ``[i]`` as ``.i``."""
-    name = re.sub(r"\[(\d+)\]", r".\1", str(hparams.inner_params[0]))
-    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
-
-
-class _Close:
-    """End-of-list marker on ``_flatten_nested``'s stack."""
-
-
-def _flatten_nested(value: Any) -> List[Any]:
-    """A nested list as a flat token list (GRACE nests its edit ids one level per edit,
-    deeper than JSON encoders recurse after ~1,000 edits)."""
-    tokens: List[Any] = []
-    stack: List[Any] = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, _Close):
-            tokens.append(["]"])
-        elif isinstance(item, list):
-            tokens.append(["["])
-            stack.append(_Close())
-            stack.extend(reversed(item))
-        else:
-            tokens.append(["v", item])
-    return tokens
-
-
-def _unflatten_nested(tokens: Sequence[Sequence[Any]]) -> Any:
-    stack: List[List[Any]] = [[]]
-    for token in tokens:
-        if token[0] == "[":
-            stack.append([])
-        elif token[0] == "]":
-            done = stack.pop()
-            stack[-1].append(done)
-        else:
-            stack[-1].append(token[1])
-    if len(stack) != 1 or len(stack[0]) != 1:
-        raise ValueError("malformed nested list in the GRACE checkpoint")
-    return stack[0][0]
-
-
-def save_grace_codebook(model: Any, layer: str, edits_done: int, directory: Union[str, Path]) -> None:
-    """Write the GRACE adapter's codebook at ``layer`` (none before the first edit)."""
-    from safetensors.torch import save_file
-
-    from ..util import nethook
-
-    directory = Path(directory)
-    adapter = nethook.get_module(model, layer)
-    meta: Dict[str, Any] = {"layer": layer, "edits_done": edits_done, "codebook": "keys" in adapter.__dict__}
-    tensors: Dict[str, Any] = {}
-    if meta["codebook"]:
-        for name in GRACE_CODEBOOK_TENSORS:
-            tensors[name] = getattr(adapter, name).detach().cpu().contiguous()
-        for i, label in enumerate(adapter.key_labels):
-            tensors[f"key_label.{i}"] = label.detach().cpu().contiguous()
-        meta["key_labels"] = len(adapter.key_labels)
-        meta["edit_ids"] = _flatten_nested(adapter.edit_ids)
-        meta["key_id"] = int(adapter.key_id)
-    save_file(tensors, str(directory / GRACE_FILES[0]))
-    (directory / GRACE_FILES[1]).write_text(json.dumps(meta))
-
-
-def load_grace_codebook(model: Any, hparams: Any, layer: str, directory: Union[str, Path]) -> int:
-    """Wrap ``layer`` in a GRACE adapter holding the saved codebook; returns the edits done."""
-    import importlib
-
-    import torch
-    from safetensors.torch import load_file
-
-    from ..util import nethook
-
-    directory = Path(directory)
-    if not all((directory / name).is_file() for name in GRACE_FILES):
-        raise FileNotFoundError(f"no GRACE codebook in {directory}: delete the cell's work dir to restart it")
-    meta = json.loads((directory / GRACE_FILES[1]).read_text())
-    if meta.get("layer") != layer:
-        raise ValueError(f"GRACE checkpoint in {directory} is for {meta.get('layer')!r}, the hparams name {layer!r}")
-    tensors = load_file(str(directory / GRACE_FILES[0]))
-    grace = importlib.import_module("easyeditor.models.grace.GRACE")
-    device = next(model.parameters()).device
-    grace.GRACE(config=hparams, model=model, device=device)  # wraps the layer, as the first edit does
-    adapter = nethook.get_module(model, layer)
-    if not isinstance(adapter, grace.GRACEAdapter):
-        raise ValueError(f"{layer} is not wrapped by a GRACE adapter after setup")
-    if meta["codebook"]:
-        adapter.keys = tensors["keys"].to(device)
-        adapter.values = torch.nn.Parameter(tensors["values"].to(device), requires_grad=True)
-        adapter.epsilons = tensors["epsilons"].to(device)
-        adapter.key_labels = [tensors[f"key_label.{i}"].to(device) for i in range(meta["key_labels"])]
-        adapter.edit_ids = _unflatten_nested(meta["edit_ids"])
-        adapter.key_id = meta["key_id"]
-    return int(meta["edits_done"])
+        random.setstate(python_state)
 
 
 def _alphaedit_module() -> types.ModuleType:

@@ -311,7 +311,6 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     out_path = config.out_dir / "cells" / f"{name}.json"
     work = config.out_dir / "work" / name
     adapter_based = getattr(spec, "adapter_based", False)
-    resumable = getattr(spec, "resumable", True)
     fingerprint = {
         "method": method.label,
         "dataset": dataset.name,
@@ -368,11 +367,6 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
     # which the runner calls before restoring a checkpoint.
     spec = _SnapshotAfterPrepare(spec, [n for n in edited_names if n not in originals], originals)
 
-    run_work: Optional[Path] = work
-    if not resumable:
-        run_work = None
-        print(f"[bench] {name}: {method.alg}'s state is not saved; no checkpoints, "
-              "an interrupted cell starts again from the first edit")
     try:
         result = run_lifelong(
             model, tok, hparams, spec, records,
@@ -382,9 +376,10 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
                 immediate=config.immediate,
                 progress=config.progress,
                 save_every=config.save_every,
+                batch_size=getattr(spec, "eval_batch_size", None) or RunConfig.batch_size,
             ),
             data_names=[str(p) for p in dataset.paths],
-            work_dir=run_work,
+            work_dir=work,
         )
     except ValueError as exc:
         if "belongs to another run" not in str(exc):
@@ -418,7 +413,7 @@ def run_cell(method: Method, dataset: Dataset, config: BenchConfig, single_metho
         "metric": dataset.metric,
         "hparams_file": str(hparams_path),
         "work_dir": str(work),
-        "resumable": resumable,
+        "resumable": True,
         "config_hash": config_hash,
     }
     _write_json(out_path, data)
