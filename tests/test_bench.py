@@ -20,7 +20,7 @@ import yaml
 from easyedit_nmke.compat import is_easyeditor_installed
 from easyedit_nmke.evaluate import bench, general
 
-from conftest import REPO, tiny_hparams, tiny_model
+from conftest import REPO, interrupted_on_call, tiny_hparams, tiny_model
 
 ZSRE = [
     {"subject": "Norway", "src": "What is the capital city of Norway?", "alt": "Bergen", "answers": ["Oslo"],
@@ -370,19 +370,9 @@ def test_baseline_cell_resumes_like_a_straight_run(tokenizer, tmp_path, monkeypa
     straight = tiny_model("llama", len(tokenizer))
     run_lifelong(straight, tokenizer, hparams, spec, records, config)
 
-    real_apply, calls = spec._apply_fn, {"n": 0}
-
-    def dying_apply(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_apply(*args, **kwargs)
-
-    spec._apply_fn = dying_apply
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, spec, "_apply_fn", 2):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, spec, records, config,
                      work_dir=tmp_path / "work")
-    spec._apply_fn = real_apply
     resumed = tiny_model("llama", len(tokenizer))
     result = run_lifelong(resumed, tokenizer, hparams, spec, records, config, work_dir=tmp_path / "work")
     assert [row["T"] for row in result.runs] == [1, 2]
@@ -405,7 +395,7 @@ def _adapter_state(alg, model, layer):
     # save and merge every 1 and 2 edits, so the killed run's checkpoint holds a merged memory
     ("WISE", dict(n_iter=5, save_freq=1, merge_freq=2)),
 ])
-def test_adapter_cell_resumes_like_a_straight_run(alg, overrides, tokenizer, tmp_path):
+def test_adapter_cell_resumes_like_a_straight_run(alg, overrides, tokenizer, tmp_path, monkeypatch):
     """A GRACE/WISE run killed after a checkpoint ends with the same adapter state and scores."""
     from easyedit_nmke.evaluate.baselines import BaselineSpec
     from easyedit_nmke.evaluate.records import record_from_dict
@@ -432,17 +422,8 @@ def test_adapter_cell_resumes_like_a_straight_run(alg, overrides, tokenizer, tmp
     expected_state = [x.clone() for x in _adapter_state(alg, straight, layer)]
 
     killed = new_spec()
-    real_apply, calls = killed._apply_fn, {"n": 0}
-
-    def dying_apply(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_apply(*args, **kwargs)
-
-    killed._apply_fn = dying_apply
     torch.manual_seed(1234)  # another process state: the edits seed themselves
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_on_call(monkeypatch, killed, "_apply_fn", 3):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hparams, killed, records, config,
                      work_dir=tmp_path / "work")
     resumed = tiny_model("llama", len(tokenizer))

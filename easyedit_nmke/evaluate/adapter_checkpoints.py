@@ -19,7 +19,7 @@ import importlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,6 +32,20 @@ from ..util import nethook
 GRACE_FILES = ("grace_codebook.safetensors", "grace_codebook.json")
 # What a GRACE adapter holds between edits; the rest is set by each edit or is config.
 GRACE_CODEBOOK_TENSORS = ("keys", "values", "epsilons")
+
+
+def _read_checkpoint(
+    alg: str, files: Sequence[str], layer: str, directory: Union[str, Path]
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(JSON metadata, tensors) of a saved adapter, checked to be for ``layer``."""
+    directory = Path(directory)
+    tensor_file, meta_file = (directory / name for name in files)
+    if not (tensor_file.is_file() and meta_file.is_file()):
+        raise FileNotFoundError(f"no {alg} state in {directory}: delete the cell's work dir to restart it")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("layer") != layer:
+        raise ValueError(f"{alg} checkpoint in {directory} is for {meta.get('layer')!r}, the hparams name {layer!r}")
+    return meta, load_file(str(tensor_file))
 
 
 def adapter_layer_name(hparams: Any) -> str:
@@ -97,13 +111,7 @@ def save_grace_codebook(model: Any, layer: str, edits_done: int, directory: Unio
 
 def load_grace_codebook(model: Any, hparams: Any, layer: str, directory: Union[str, Path]) -> int:
     """Wrap ``layer`` in a GRACE adapter holding the saved codebook; returns the edits done."""
-    directory = Path(directory)
-    if not all((directory / name).is_file() for name in GRACE_FILES):
-        raise FileNotFoundError(f"no GRACE codebook in {directory}: delete the cell's work dir to restart it")
-    meta = json.loads((directory / GRACE_FILES[1]).read_text())
-    if meta.get("layer") != layer:
-        raise ValueError(f"GRACE checkpoint in {directory} is for {meta.get('layer')!r}, the hparams name {layer!r}")
-    tensors = load_file(str(directory / GRACE_FILES[0]))
+    meta, tensors = _read_checkpoint("GRACE", GRACE_FILES, layer, directory)
     grace = importlib.import_module("easyeditor.models.grace.GRACE")
     device = next(model.parameters()).device
     grace.GRACE(config=hparams, model=model, device=device)  # wraps the layer, as the first edit does
@@ -195,13 +203,7 @@ def load_wise_state(model: Any, hparams: Any, layer: str, directory: Union[str, 
     """Wrap ``layer`` in a WISE adapter holding the saved state; returns the edits done."""
     wise = importlib.import_module("easyeditor.models.wise.WISE")
     wise_utils = importlib.import_module("easyeditor.models.wise.utils")
-    directory = Path(directory)
-    if not all((directory / name).is_file() for name in WISE_FILES):
-        raise FileNotFoundError(f"no WISE state in {directory}: delete the cell's work dir to restart it")
-    meta = json.loads((directory / WISE_FILES[1]).read_text())
-    if meta.get("layer") != layer:
-        raise ValueError(f"WISE checkpoint in {directory} is for {meta.get('layer')!r}, the hparams name {layer!r}")
-    tensors = load_file(str(directory / WISE_FILES[0]))
+    meta, tensors = _read_checkpoint("WISE", WISE_FILES, layer, directory)
     if not meta["adapter"]:
         return int(meta["edits_done"])
     device = next(model.parameters()).device
