@@ -131,7 +131,9 @@ def _device_factory(device_cls):
             return isinstance(obj, device_cls)
 
         def __call__(cls, *args, **kwargs):
-            return device_cls(*(map_cuda_cpu_device(a) for a in args), **{k: map_cuda_cpu_device(v) for k, v in kwargs.items()})
+            return device_cls(
+                *(map_cuda_cpu_device(a) for a in args), **{k: map_cuda_cpu_device(v) for k, v in kwargs.items()}
+            )
 
     class device(metaclass=_DeviceMeta):
         pass
@@ -433,8 +435,9 @@ class BaselineSpec:
         # easyeditor prints every step and draws empty tqdm bars (layer_stats) on each edit.
         quiet = contextlib.redirect_stdout(output) if self.quiet else contextlib.nullcontext()
         quiet_err = contextlib.redirect_stderr(output) if self.quiet else contextlib.nullcontext()
-        # WISE/GRACE draw random values and masks per edit (GRACE's cold value init): seeded
-        # by the edit's index, so a cell is reproducible and a resumed GRACE cell exact.
+        # WISE/GRACE draw random values and masks per edit (GRACE's cold value init, WISE's
+        # gradient mask): seeded by the edit's index, so a cell is reproducible and a resumed
+        # cell exact.
         seeded = _seeded_edit(edit_index, model) if self.adapter_based else contextlib.nullcontext()
         try:
             with device_ctx, tuples, quiet, quiet_err, seeded:
