@@ -329,6 +329,86 @@ def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
     assert state.num_edits == 0
 
 
+def test_hparams_changed_in_code_are_checked_before_editing(llama, tokenizer, corpus_file, tmp_path):
+    # from_hparams validates a YAML; an object built or changed in code is checked on edit.
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    hp.mask_mode = "hybird"
+    before = _weights(llama)
+    with pytest.raises(HParamsError, match="mask_mode"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+    assert get_state(llama) is None
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("entropy_alpha", 0.0, "entropy_alpha"),
+        ("attribution_scale", -30.0, "attribution_scale"),
+        ("v_stop_prob", 1.5, "v_stop_prob"),
+        ("kl_factor", -1.0, "kl_factor"),
+        ("clamp_norm_factor", 0.0, "clamp_norm_factor"),
+        ("mom2_n_samples", 0, "mom2_n_samples"),
+    ],
+)
+def test_hparams_out_of_range_are_rejected(field, value, message, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    setattr(hp, field, value)
+    with pytest.raises(HParamsError, match=message):
+        hp.validate()
+
+
+def test_non_finite_attribution_is_a_clear_error(llama, tokenizer, corpus_file, tmp_path, monkeypatch):
+    from easyedit_nmke.models.nmke import nmke_main
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    state = prepare_state(llama, tokenizer, hp)
+    monkeypatch.setattr(
+        nmke_main, "neuron_attribution_scores", lambda hidden, acts, *a, **k: torch.full_like(acts, float("nan"))
+    )
+    before = _weights(llama)
+    with pytest.raises(EditError, match=f"attribution at layer {hp.layers[0]} is not finite"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+    assert state.num_edits == 0
+
+
+def test_update_that_overflows_the_weight_dtype_restores_weights(llama, tokenizer, corpus_file, tmp_path, monkeypatch):
+    # An update finite where it is computed can be beyond the weight's range once cast
+    # (fp32 solves for fp16 models above all); that edit must fail and restore, not write inf.
+    from easyedit_nmke.models.nmke import nmke_main
+
+    hp = tiny_hparams("llama", corpus_file, tmp_path, mask_mode="none")
+    state = prepare_state(llama, tokenizer, hp)
+    shaped = nmke_main.down_weight_param_shape_update
+    monkeypatch.setattr(
+        nmke_main, "down_weight_param_shape_update", lambda module, delta: shaped(module, delta).double() * 1e300
+    )
+    before = _weights(llama)
+    with pytest.raises(EditError, match="overflows the weight's dtype"):
+        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(llama, before)
+    assert state.num_edits == 0
+
+
+def test_state_load_rejects_foreign_files(llama, tokenizer, corpus_file, tmp_path):
+    hp = tiny_hparams("llama", corpus_file, tmp_path)
+    state = prepare_state(llama, tokenizer, hp)
+    state.save(tmp_path / "state")
+    meta_path = tmp_path / "state" / "nmke_state.json"
+    meta = json.loads(meta_path.read_text())
+    meta["context_templates"] = ["A prefix. {}", "{}"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="first context template"):
+        NMKEState.load(tmp_path / "state")
+    state.save(tmp_path / "other")
+    tensors = load_file(str(tmp_path / "other" / "nmke_state.safetensors"))
+    tensors["lora_A.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(tmp_path / "other" / "nmke_state.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensor 'lora_A.weight'"):
+        NMKEState.load(tmp_path / "other")
+
+
 @pytest.mark.parametrize("error, expected", [(RuntimeError("out of memory"), EditError), (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_failure_while_committing_statistics_restores_weights_and_cache(
     error, expected, llama, tokenizer, corpus_file, tmp_path, monkeypatch

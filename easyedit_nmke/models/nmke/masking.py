@@ -68,7 +68,12 @@ def specific_entropy(scores: torch.Tensor) -> float:
 
 
 def top_quantile(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Neurons at or above the (1 − ratio) quantile of ``score``."""
+    """Neurons at or above the (1 − ratio) quantile of ``score``.
+
+    Ties at the threshold are all kept, so an integer score (the general family's count
+    of prompts) can keep more than ``ratio`` of the neurons; ``NeuronMask.kept_fraction``
+    is the share actually kept.
+    """
     threshold = torch.quantile(score.float(), 1.0 - ratio)
     return score >= threshold
 

@@ -75,7 +75,10 @@ class NMKEHyperParams(PluginHyperParams):
     general_ratio_b: float = 0.3
     specific_ratio_a: float = 0.1
     specific_ratio_b: float = 0.3
-    fixed_ratio: float = 0.35  # mode 'fixed': both families keep this share
+    # mode 'fixed': both families keep the neurons at or above their (1 - ratio) score
+    # quantile; ties at the threshold are all kept, so a family can keep more than this
+    # share (the general score is a count of prompts); masks report the share kept.
+    fixed_ratio: float = 0.35
     # How a mask shapes the update: "restricted_solve" solves the null-space constrained
     # problem over the kept neurons only (null space of the corpus moment restricted to
     # them); "zero_update" solves it over all neurons and zeroes the unkept neurons'
@@ -122,6 +125,21 @@ class NMKEHyperParams(PluginHyperParams):
             raise HParamsError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if self.nullspace_threshold <= 0 or self.L2 < 0:
             raise HParamsError("nullspace_threshold must be > 0 and L2 >= 0")
+        if self.entropy_alpha <= 0 or self.attribution_scale <= 0:
+            raise HParamsError(
+                f"entropy_alpha and attribution_scale must be > 0, got {self.entropy_alpha} and {self.attribution_scale}"
+            )
+        if not 0.0 < self.v_stop_prob <= 1.0:
+            raise HParamsError(f"v_stop_prob must be in (0, 1], got {self.v_stop_prob}")
+        if self.kl_factor < 0 or self.v_weight_decay < 0 or self.clamp_norm_factor <= 0:
+            raise HParamsError(
+                "kl_factor and v_weight_decay must be >= 0 and clamp_norm_factor > 0, got "
+                f"{self.kl_factor}, {self.v_weight_decay} and {self.clamp_norm_factor}"
+            )
+        if self.mom2_n_samples < 1 or self.mom2_max_length < 2:
+            raise HParamsError(
+                f"mom2_n_samples must be >= 1 and mom2_max_length >= 2, got {self.mom2_n_samples} and {self.mom2_max_length}"
+            )
         if self.mask_application not in MASK_APPLICATIONS:
             raise HParamsError(f"mask_application must be one of {MASK_APPLICATIONS}, got {self.mask_application!r}")
         if self.mom2_dtype not in MOM2_DTYPES:

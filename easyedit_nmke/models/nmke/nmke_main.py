@@ -258,6 +258,8 @@ def compute_neuron_masks(
                 for j, x in enumerate(inputs)
             ]
         )
+        if not torch.isfinite(scores).all():
+            raise EditError(f"the neuron attribution at layer {layer} is not finite (NaN/inf in its inputs)")
         masks[layer] = build_mask(scores, hparams)
     return masks
 
@@ -272,7 +274,8 @@ def execute_nmke(
     """Apply the edit in place and return the pre-edit weights per layer.
 
     On any failure the edited weights are restored and ``EditError`` is raised, so
-    a failed edit leaves both the model and the lifelong statistics unchanged.
+    a failed edit leaves the weights bitwise unchanged and the lifelong statistics as
+    they were (keys already added to C are subtracted again: equal up to float rounding).
     """
     layers = hparams.layers
     modules = {layer: nethook.get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in layers}
@@ -364,7 +367,10 @@ def execute_nmke(
                 # The cached readout holds the write vectors as the residual stream sees them.
                 readout_change = linearised_ffn_writes(norm_after_ffn, output_change)
                 weight = modules[layer].weight
-                weight.add_(down_weight_param_shape_update(modules[layer], delta).to(weight.dtype))
+                update = down_weight_param_shape_update(modules[layer], delta).to(weight.dtype)
+                if not torch.isfinite(update).all():  # e.g. overflow in a half-precision weight
+                    raise EditError(f"the update at layer {layer} overflows the weight's dtype {weight.dtype}")
+                weight.add_(update)
                 entry = state.readout.get(layer)
                 if entry is not None and norm is not None:
                     if fast:  # applied below, all layers at once
@@ -425,7 +431,10 @@ def execute_nmke(
     state.last_edit = record
     for layer in layers:
         if layer in masks:
-            state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum())
+            # One mask serves every request of the call: count it once per edit.
+            state.kept_neurons[layer] = state.kept_neurons.get(layer, 0) + int(masks[layer].keep.sum()) * len(
+                requests
+            )
     state.num_edits += len(requests)
     state.last_edit_info = info
     return originals
@@ -455,7 +464,9 @@ def masked_null_space(
     device = state.key_cache[layer].device
     index = keep.nonzero().squeeze(1).to(device)
     moments = state.key_moments[layer]
-    basis = null_space_basis(moments[index][:, index], hparams.nullspace_threshold).to(device)
+    # On the CPU, like the full null spaces in prepare_state: the bases must not depend
+    # on the accelerator's eigensolver.
+    basis = null_space_basis(moments[index][:, index].cpu(), hparams.nullspace_threshold).to(device)
     return index, basis, cache_in_basis(basis, state.key_cache[layer][index][:, index])
 
 
@@ -490,6 +501,7 @@ def apply_nmke_to_model(
     back after the edit unless edits are to accumulate (upstream: ``sequential_edit=True``);
     ``weights_copy_for_easyeditor`` adapts it to the EasyEdit version that is calling.
     """
+    hparams.validate()  # hparams built or changed in code skip from_hparams' checks
     edit_requests = normalise_requests(requests)
     check_module_templates(
         model,

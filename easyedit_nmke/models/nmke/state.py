@@ -153,6 +153,11 @@ class NMKEState:
         self.last_edit_info = {}
 
     def save(self, directory: Union[str, Path]) -> None:
+        """Write the state to ``directory`` (safetensors + JSON).
+
+        The last edit's undo record (``rollback_if_restored``: for an editor that writes
+        the pre-edit weights back) is not saved, so save once the weights are final.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -185,13 +190,19 @@ class NMKEState:
             raise ValueError(f"NMKE state version {meta.get('version')} is not supported (need 1 or {STATE_VERSION})")
         tensors = load_file(str(tensor_path), device=str(device))
         state = cls(layers=[int(x) for x in meta["layers"]])
+        attributes = {"null_basis": "null_bases", "key_cache": "key_cache", "key_moment": "key_moments"}
         for name, tensor in tensors.items():
-            kind, layer = name.rsplit(".", 1)
+            kind, _, layer = name.rpartition(".")
             if kind == "projector":  # version 1
                 kind, tensor = "null_basis", _basis_of_projector(tensor)
-            attribute = {"null_basis": "null_bases", "key_cache": "key_cache", "key_moment": "key_moments"}[kind]
-            getattr(state, attribute)[int(layer)] = tensor
-        state.context_templates = list(meta["context_templates"])
+            if kind not in attributes or not layer.isdigit():
+                raise ValueError(f"{tensor_path} holds an unexpected tensor {name!r}; it is not an NMKE state")
+            getattr(state, attributes[kind])[int(layer)] = tensor
+        templates = list(meta["context_templates"])
+        if templates and templates[0] != "{}":
+            # z and its first-layer residual are read off the bare prompt, the first template.
+            raise ValueError(f"{meta_path}: the first context template must be '{{}}', got {templates[0]!r}")
+        state.context_templates = templates
         state.null_space_settings = dict(meta.get("null_space_settings", {}))  # absent before 2026-11-24
         state.num_edits = int(meta["num_edits"])
         state.kept_neurons = {int(k): int(v) for k, v in meta.get("kept_neurons", {}).items()}
