@@ -318,15 +318,19 @@ def test_architecture_without_templates_is_rejected(tokenizer, corpus_file, tmp_
     _assert_bitwise_equal(gpt2, before)
 
 
+def _assert_edit_fails_and_leaves_model(model, tokenizer, hp, state, match):
+    before = _weights(model)
+    with pytest.raises(EditError, match=match):
+        apply_nmke_to_model(model, tokenizer, REQUESTS[:1], hp)
+    _assert_bitwise_equal(model, before)
+    assert state.num_edits == 0
+
+
 def test_nan_in_solve_restores_weights(llama, tokenizer, corpus_file, tmp_path):
     hp = tiny_hparams("llama", corpus_file, tmp_path)
     state = prepare_state(llama, tokenizer, hp)
     state.key_cache[hp.layers[-1]].fill_(float("nan"))
-    before = _weights(llama)
-    with pytest.raises(EditError, match="not finite"):
-        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
-    _assert_bitwise_equal(llama, before)
-    assert state.num_edits == 0
+    _assert_edit_fails_and_leaves_model(llama, tokenizer, hp, state, "not finite")
 
 
 def test_hparams_changed_in_code_are_checked_before_editing(llama, tokenizer, corpus_file, tmp_path):
@@ -366,11 +370,8 @@ def test_non_finite_attribution_is_a_clear_error(llama, tokenizer, corpus_file, 
     monkeypatch.setattr(
         nmke_main, "neuron_attribution_scores", lambda hidden, acts, *a, **k: torch.full_like(acts, float("nan"))
     )
-    before = _weights(llama)
-    with pytest.raises(EditError, match=f"attribution at layer {hp.layers[0]} is not finite"):
-        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
-    _assert_bitwise_equal(llama, before)
-    assert state.num_edits == 0
+    match = f"attribution at layer {hp.layers[0]} is not finite"
+    _assert_edit_fails_and_leaves_model(llama, tokenizer, hp, state, match)
 
 
 def test_update_that_overflows_the_weight_dtype_restores_weights(llama, tokenizer, corpus_file, tmp_path, monkeypatch):
@@ -384,11 +385,7 @@ def test_update_that_overflows_the_weight_dtype_restores_weights(llama, tokenize
     monkeypatch.setattr(
         nmke_main, "down_weight_param_shape_update", lambda module, delta: shaped(module, delta).double() * 1e300
     )
-    before = _weights(llama)
-    with pytest.raises(EditError, match="overflows the weight's dtype"):
-        apply_nmke_to_model(llama, tokenizer, REQUESTS[:1], hp)
-    _assert_bitwise_equal(llama, before)
-    assert state.num_edits == 0
+    _assert_edit_fails_and_leaves_model(llama, tokenizer, hp, state, "overflows the weight's dtype")
 
 
 def test_state_load_rejects_foreign_files(llama, tokenizer, corpus_file, tmp_path):

@@ -127,7 +127,8 @@ class NMKEHyperParams(PluginHyperParams):
             raise HParamsError("nullspace_threshold must be > 0 and L2 >= 0")
         if self.entropy_alpha <= 0 or self.attribution_scale <= 0:
             raise HParamsError(
-                f"entropy_alpha and attribution_scale must be > 0, got {self.entropy_alpha} and {self.attribution_scale}"
+                "entropy_alpha and attribution_scale must be > 0, got "
+                f"{self.entropy_alpha} and {self.attribution_scale}"
             )
         if not 0.0 < self.v_stop_prob <= 1.0:
             raise HParamsError(f"v_stop_prob must be in (0, 1], got {self.v_stop_prob}")
@@ -138,7 +139,8 @@ class NMKEHyperParams(PluginHyperParams):
             )
         if self.mom2_n_samples < 1 or self.mom2_max_length < 2:
             raise HParamsError(
-                f"mom2_n_samples must be >= 1 and mom2_max_length >= 2, got {self.mom2_n_samples} and {self.mom2_max_length}"
+                "mom2_n_samples must be >= 1 and mom2_max_length >= 2, got "
+                f"{self.mom2_n_samples} and {self.mom2_max_length}"
             )
         if self.mask_application not in MASK_APPLICATIONS:
             raise HParamsError(f"mask_application must be one of {MASK_APPLICATIONS}, got {self.mask_application!r}")
