@@ -581,6 +581,76 @@ def test_edit_log_is_saved_loaded_and_reset_with_the_state(tokenizer, sae_dir, t
     assert fresh_state.edit_log == [] and fresh_state.num_edits == 0
 
 
+def test_a_failed_first_edit_unhooks_the_sae_it_hooked(tokenizer, sae_dir, monkeypatch):
+    import easyedit_nmke.models.microedit.microedit_main as microedit_main
+
+    hparams = hparams_for("llama", sae_dir, ard_threshold=1e9)  # everything routed once hooked
+    model = tiny_model("llama", len(tokenizer))
+    before = logits(model, tokenizer, TEXTS)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(microedit_main, "execute_microedit", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    assert get_state(model) is None and "microedit_sae" not in dict(model.named_modules())
+    assert torch.equal(logits(model, tokenizer, TEXTS), before)
+    # An SAE hooked before the call (prepare_method, earlier edits) stays hooked.
+    monkeypatch.undo()
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    monkeypatch.setattr(microedit_main, "execute_microedit", fails)
+    with pytest.raises(RuntimeError):
+        apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams)
+    assert get_state(model) is not None and get_state(model).num_edits == 1
+
+
+def test_state_load_refuses_other_ard_settings_other_sae_weights_and_malformed_files(tokenizer, sae_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hparams = hparams_for("llama", sae_dir)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, REQUESTS[:1], hparams)
+    get_state(model).save(tmp_path / "state")
+
+    def fresh_state(**overrides):
+        return prepare_state(tiny_model("llama", len(tokenizer)), tokenizer, hparams_for("llama", sae_dir, **overrides),
+                             progress=False)
+
+    with pytest.raises(ValueError, match="ard_alpha"):
+        fresh_state(ard_alpha=2.0).load(tmp_path / "state")
+    tensors = load_file(str(tmp_path / "state" / "microedit_state.safetensors"))
+    tensors["original_rows"] = tensors["original_rows"] + 1.0
+    save_file(tensors, str(tmp_path / "state" / "microedit_state.safetensors"))
+    state = fresh_state()
+    decoder = state.sae.W_dec.detach().clone()
+    with pytest.raises(ValueError, match="other weights"):
+        state.load(tmp_path / "state")
+    assert torch.equal(state.sae.W_dec, decoder)
+    del tensors["edited_rows"]
+    save_file(tensors, str(tmp_path / "state" / "microedit_state.safetensors"))
+    with pytest.raises(ValueError, match="malformed"):
+        state.load(tmp_path / "state")
+
+
+def test_save_leaves_out_an_edit_the_editor_wrote_back(tokenizer, sae_dir, tmp_path):
+    from easyedit_nmke.util import nethook
+
+    hparams = hparams_for("llama", sae_dir, stage2_steps=3)
+    model = tiny_model("llama", len(tokenizer))
+    apply_microedit_to_model(model, tokenizer, [REQUESTS[0]], hparams)
+    _, weights_copy = apply_microedit_to_model(model, tokenizer, [REQUESTS[1]], hparams, return_orig_weights=True,
+                                               keep_original_weight=True)
+    state = get_state(model)
+    state.save(tmp_path / "kept")  # not written back yet: both edits saved, the record kept
+    assert json.loads((tmp_path / "kept" / "microedit_state.json").read_text())["num_edits"] == 2
+    with torch.no_grad():
+        nethook.get_parameter(model, "microedit_sae.W_dec")[...] = weights_copy["microedit_sae.W_dec"]
+    state.save(tmp_path / "restored")
+    meta = json.loads((tmp_path / "restored" / "microedit_state.json").read_text())
+    assert meta["num_edits"] == 1 and [e["prompt"] for e in meta["edit_log"]] == [REQUESTS[0]["prompt"]]
+
+
 def test_an_edit_the_editor_wrote_back_leaves_the_log(tokenizer, sae_dir):
     """EasyEdit's non-sequential mode restores the decoder after each call: that edit is gone from the log."""
     from easyedit_nmke.util import nethook

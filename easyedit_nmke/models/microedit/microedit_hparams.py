@@ -5,11 +5,11 @@ block ``layers[0]``, trains only the decoder rows of the latents an edit's promp
 activates, and routes an input through the SAE only when its reconstruction distance
 (ARD) is at most ``ard_threshold``.
 
-Where the SAE comes from, in order: ``sae_path`` (a local SAE-Lens folder, or an
-EleutherAI ``sparsify`` folder with ``cfg.json`` + ``sae.safetensors``), else
-``sae_release``/``sae_id`` through ``sae_lens.SAE.from_pretrained`` (online), else —
-when ``sae_train_*`` are given — an SAE the plugin trains on the model itself and
-caches at ``sae_path`` (see ``train_sae.py``).
+Where the SAE comes from, in order: ``sae_path`` when it exists (a local SAE-Lens
+folder, or an EleutherAI ``sparsify`` folder with ``cfg.json`` + ``sae.safetensors``);
+else, when ``sae_train_*`` are given, an SAE the plugin trains on the model itself and
+caches at ``sae_path`` (see ``train_sae.py``); else ``sae_release``/``sae_id`` through
+``sae_lens.SAE.from_pretrained`` (online).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...compat import weights_copy_for_easyeditor
+from ...util import nethook
 from ...util.requests import EditRequest, continuation, encode, encode_target, normalise_requests, pad_id
 from .calibration import calibrate_threshold, input_ard
 from .compute_decoder_edit import compute_decoder_edit
@@ -69,10 +70,11 @@ def prepare_state(
             state.switch.threshold = hparams.ard_threshold
         return state
     check_layer(model, hparams)
-    device = next(model.parameters()).device
+    layer_name = hparams.layer_module_tmp.format(hparams.layer)
+    # The hooked block's device, which differs from the first parameter's when the model is split.
+    device = next(nethook.get_module(model, layer_name).parameters()).device
     sae = ensure_sae(model, tok, hparams).to(device)
     sae.requires_grad_(False)
-    layer_name = hparams.layer_module_tmp.format(hparams.layer)
     switch = SAESwitch(sae, float("inf"), hparams.ard_alpha, hparams.massive_norm_factor)
     model.add_module(SAE_ATTRIBUTE, sae)
     switch.install(model, layer_name)
@@ -165,11 +167,19 @@ def apply_microedit_to_model(
     check_layer(model, hparams)
     if copy:
         model = _copy_with_state(model)
+    hooked_here = get_state(model) is None
     state = prepare_state(model, tok, hparams)
     weights_copy: Dict[str, torch.Tensor] = {}
     if return_orig_weights:
         weights_copy[DECODER_PARAMETER] = state.sae.W_dec.detach().clone()
-    execute_microedit(model, tok, edit_requests, hparams, state)
+    try:
+        execute_microedit(model, tok, edit_requests, hparams, state)
+    except BaseException:
+        if hooked_here:
+            # An SAE hooked only for this edit would route inputs through its lossy
+            # reconstruction: a failed first edit must leave the model as it was.
+            detach_microedit(model)
+        raise
     return model, weights_copy_for_easyeditor(weights_copy, keep_original_weight)
 
 

@@ -83,14 +83,17 @@ class MicroEditState:
         rows = torch.stack([rows_before[i] for i in changed]) if changed else decoder[:0].clone()
         self.last_call = CallRecord(log_length, num_edits, latents, rows)
 
-    def forget_if_restored(self) -> bool:
+    def forget_if_restored(self, keep_record: bool = False) -> bool:
         """Drop the last call's edits from the log when the decoder rows are back to their values before it.
 
         EasyEdit's non-sequential mode writes the original weights back after each call;
         the log must then not keep edits that are no longer in the model (rehearsal would
-        teach them again).
+        teach them again).  The record is used up unless ``keep_record`` (a check that a
+        later write-back must still be able to trigger, as in ``save``).
         """
-        record, self.last_call = self.last_call, None
+        record = self.last_call
+        if not keep_record:
+            self.last_call = None
         if record is None or record.latents.numel() == 0:
             return False
         current = self.sae.W_dec.detach()[record.latents.to(self.sae.W_dec.device)]
@@ -98,6 +101,7 @@ class MicroEditState:
             return False
         del self.edit_log[record.log_length :]
         self.num_edits = record.num_edits
+        self.last_call = None
         return True
 
     def edited_latents(self) -> torch.Tensor:
@@ -118,6 +122,8 @@ class MicroEditState:
         self.last_edit_info = {}
 
     def save(self, directory: Union[str, Path]) -> None:
+        """Write the state to ``directory`` (safetensors + JSON); edits an editor wrote back are left out."""
+        self.forget_if_restored(keep_record=True)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         index = self.edited_latents()
@@ -134,6 +140,8 @@ class MicroEditState:
             "layer": self.layer,
             "sae_source": self.sae_source,
             "threshold": self.threshold,
+            # τ is in units of this ARD (1/α, the massive-norm cut) and the rows are this SAE's.
+            "sae_settings": self.sae_settings(),
             "num_edits": self.num_edits,
             "timings": self.timings,
             "edit_log": [
@@ -142,6 +150,14 @@ class MicroEditState:
             ],
         }
         (directory / "microedit_state.json").write_text(json.dumps(meta, indent=2))
+
+    def sae_settings(self) -> Dict[str, Any]:
+        """What a saved τ and saved rows are only valid for: the ARD's α and massive-norm cut, the SAE's k."""
+        return {
+            "ard_alpha": self.switch.alpha,
+            "massive_norm_factor": self.switch.massive_norm_factor,
+            "sae_k": getattr(self.sae.cfg, "k", None),
+        }
 
     def load(self, directory: Union[str, Path]) -> None:
         """Apply a saved state to this (freshly prepared) state's SAE."""
@@ -154,12 +170,23 @@ class MicroEditState:
             raise ValueError(
                 f"MicroEdit state version {meta.get('version')} is not supported (readable: {READABLE_VERSIONS})"
             )
+        try:
+            self._check_and_apply(directory, meta, load_file(str(tensor_path)))
+        except (KeyError, TypeError, RuntimeError) as exc:  # a missing entry or sizes that do not add up
+            raise ValueError(f"MicroEdit state in {directory} is malformed: {exc!r}") from exc
+
+    def _check_and_apply(self, directory: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
         if meta["layer"] != self.layer or meta["sae_source"] != self.sae_source:
             raise ValueError(
                 f"MicroEdit state in {directory} was saved for layer {meta['layer']} with SAE {meta['sae_source']!r}, "
                 f"not layer {self.layer} with SAE {self.sae_source!r}"
             )
-        tensors = load_file(str(tensor_path))
+        saved_settings = meta.get("sae_settings")  # absent before 2026-11-24
+        if saved_settings is not None and saved_settings != self.sae_settings():
+            raise ValueError(
+                f"MicroEdit state in {directory} was saved with {saved_settings}, this SAE is hooked with "
+                f"{self.sae_settings()}: its threshold and rows do not apply"
+            )
         index = tensors["edited_latents"]
         d_sae, d_model = self.sae.W_dec.shape
 
@@ -179,6 +206,17 @@ class MicroEditState:
                         f"MicroEdit state in {directory}: {name} has shape {tuple(tensors[name].shape)}, "
                         f"expected ({index.numel()}, {d_model}) for this SAE"
                     )
+            # The saved pre-edit rows must be this SAE's own: same path, same weights.
+            unedited = self.sae.W_dec.detach()[index.to(self.sae.W_dec.device)].clone()
+            for j, i in enumerate(index.tolist()):
+                if i in self.original_rows:
+                    unedited[j] = self.original_rows[i]
+            saved = tensors["original_rows"].to(unedited.device, unedited.dtype)
+            if not torch.equal(saved, unedited):
+                raise ValueError(
+                    f"MicroEdit state in {directory} was saved for an SAE with other weights at {self.sae_source!r} "
+                    "(its unedited decoder rows differ from this SAE's)"
+                )
         logged = meta.get("edit_log", [])
         log_latents = tensors["log_latents"].split(tensors["log_counts"].tolist()) if logged else []
         if len(log_latents) != len(logged) or not all(fits(x) for x in log_latents):
