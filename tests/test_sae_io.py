@@ -143,6 +143,8 @@ def test_standard_relu_sae_is_refused_unless_sae_k_is_set(tmp_path, model):
     path = str(save_sae(standard, tmp_path / "standard"))
     with pytest.raises(SAEError, match="not a TopK SAE.*sae_k"):
         load_sae(hparams(sae_path=path), model)
+    with pytest.raises(SAEError, match=r"sae_k must be in \[1, 80\]"):  # wider than the SAE
+        load_sae(hparams(sae_path=path, sae_k=81), model)
     converted = load_sae(hparams(sae_path=path, sae_k=5), model)
     assert isinstance(converted, TopKSAE) and converted.cfg.k == 5
     x = torch.randn(8, D_IN)

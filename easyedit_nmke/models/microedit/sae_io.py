@@ -148,6 +148,8 @@ def _plain_topk(sae: nn.Module, k: Optional[int]) -> "TopKSAE":
     from sae_lens import StandardSAE, TopKSAE
     from sae_lens.saes.topk_sae import TopKSAEConfig
 
+    if k is not None and not 0 < k <= sae.cfg.d_sae:
+        raise SAEError(f"sae_k must be in [1, {sae.cfg.d_sae}] for this SAE, got {k}")
     if isinstance(sae, StandardSAE) and not isinstance(sae, TopKSAE):
         if k is None:
             raise SAEError(
@@ -179,8 +181,6 @@ def _plain_topk(sae: nn.Module, k: Optional[int]) -> "TopKSAE":
         sae.fold_W_dec_norm()  # decoder rows to unit norm, encoder scaled to match: same outputs
         sae.cfg.rescale_acts_by_decoder_norm = False
     if k is not None:
-        if not 0 < k <= sae.cfg.d_sae:
-            raise SAEError(f"sae_k must be in [1, {sae.cfg.d_sae}] for this SAE, got {k}")
         sae.cfg.k = k
         sae.activation_fn = sae.get_activation_fn()
     return sae
