@@ -9,7 +9,9 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Type, Union
+
+from .util.requests import normalise_request
 
 if TYPE_CHECKING:  # importing torch here would slow down `import easyedit_nmke`
     from torch import nn
@@ -52,6 +54,10 @@ class MethodSpec:
     def prepare(self, model: "nn.Module", tok: Any, hparams: Any) -> None:
         """One-off setup (statistics, caches) so that edit timings exclude it."""
         self.load().prepare_method(model, tok, hparams)
+
+    def check_request(self, request: Mapping[str, Any]) -> None:
+        """Raise ``RequestError`` if ``apply`` would refuse this request (subject, target, template)."""
+        normalise_request(request)
 
     def phase_seconds(self, model: "nn.Module") -> Dict[str, float]:
         """Cumulative seconds per editing phase (z, attribution, keys, solve, ...)."""

@@ -1,6 +1,7 @@
 """Lifelong runner and CLI pieces on a tiny model: schema, metrics, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from easyedit_nmke.evaluate.records import DEMO_DATA, EditRecord, load_records, 
 from easyedit_nmke.evaluate.runner import RESULT_KEYS, RunConfig, results_table, run_lifelong
 from easyedit_nmke.methods import load_hparams, method_spec
 from easyedit_nmke.util.hparams import HParamsError
+from easyedit_nmke.util.requests import RequestError
 
 from conftest import REPO, SHARED_DATA, interrupted_on_call, smollm2_zsre_run, tiny_hparams, tiny_model
 
@@ -39,6 +41,31 @@ def test_zsre_and_counterfact_records_are_read():
     assert cf.rephrase == "Danielle Darrieux spoke" and cf.request()["target_new"] == "English"
     with pytest.raises(ValueError, match="empty target"):
         record_from_dict({"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": ""})
+
+
+def test_templated_prompts_are_scored_with_the_subject_filled_in(tmp_path):
+    record = record_from_dict(
+        {"prompt": "{} is the capital of", "subject": "Paris", "target_new": "Italy",
+         "rephrase_prompt": "The city of {} is the capital of"}
+    )
+    assert record.prompt == "Paris is the capital of" and record.rephrase == "The city of Paris is the capital of"
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([{"src": "Who wrote Hamlet?", "subject": "Hamlet", "alt": "Goethe"}]))
+    with pytest.raises(ValueError, match="at least 1"):
+        load_records([path], limit=0)
+
+
+def test_records_a_method_would_refuse_are_all_reported_before_editing(tokenizer, corpus_file, tmp_path):
+    records = _records(4)
+    records[1] = dataclasses.replace(records[1], subject="nowhere in the prompt")
+    records[3] = dataclasses.replace(records[3], subject="")
+    model = tiny_model("llama", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = tiny_hparams("llama", corpus_file, tmp_path / "stats")
+    config = RunConfig(eval_at=[4], progress=False)
+    with pytest.raises(RequestError, match=r"2 of 4 records cannot be edited by NMKE: record 1: .*; record 3: "):
+        run_lifelong(model, tokenizer, hp, method_spec("NMKE"), records, config)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_locality_texts_read_records_without_an_edit_target(tmp_path):
@@ -109,6 +136,12 @@ def test_run_lifelong_schema_and_resume(tokenizer, corpus_file, tmp_path, monkey
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records, config, work_dir=work)
     with pytest.raises(ValueError, match="another run"):
         run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, records[:3], config, work_dir=work)
+    # The same prompts and targets with other locality pairs, or other scoring, are another run too.
+    other_loc = [dataclasses.replace(r, locality_answer="something else") for r in records]
+    other_config = RunConfig(eval_at=[2, 4], progress=False, immediate=False)
+    for other_records, cfg in ((other_loc, config), (records, other_config)):
+        with pytest.raises(ValueError, match="another run"):
+            run_lifelong(tiny_model("llama", len(tokenizer)), tokenizer, hp, spec, other_records, cfg, work_dir=work)
     resumed_model = tiny_model("llama", len(tokenizer))
     resumed = run_lifelong(resumed_model, tokenizer, hp, spec, records, config, work_dir=work)
     final, expected = resumed.runs[-1], straight.runs[-1]
@@ -161,7 +194,7 @@ def _checkpointer_for_kill_tests(directory):
     from easyedit_nmke.evaluate.runner import _Checkpointer
 
     spec = SimpleNamespace(edited_parameters=lambda hparams: [], save_state=lambda model, path: path.mkdir())
-    return _Checkpointer(directory, spec, SimpleNamespace(to_dict=dict), [])
+    return _Checkpointer(directory, spec, SimpleNamespace(to_dict=dict), [], RunConfig(eval_at=[1]))
 
 
 def _save(checkpointer, done):

@@ -51,7 +51,7 @@ import io
 import sys
 import types
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..compat import (
     cuda_spec_redirect,
@@ -358,6 +358,9 @@ class BaselineSpec:
             patterns = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
             return [n for n, _ in model.named_parameters() if any(p in n for p in patterns)]
         return [_weight_name(hparams.rewrite_module_tmp.format(layer)) for layer in hparams.layers]
+
+    def check_request(self, request: Mapping[str, Any]) -> None:
+        """EasyEdit's methods check their own requests (some need no subject)."""
 
     def prepare(self, model: Any, tok: Any, hparams: Any) -> None:
         self._hparams = hparams

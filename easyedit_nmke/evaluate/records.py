@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -69,6 +69,12 @@ def record_from_dict(raw: Mapping[str, Any], source: str = "", require_target: b
         raise ValueError(f"{source}: record has neither 'src' (ZsRE) nor 'prompt' (CounterFact) keys: {sorted(raw)}")
     if require_target and not record.target:
         raise ValueError(f"{source}: record with prompt {record.prompt!r} has an empty target")
+    # CounterFact-style templates: the texts evaluated are the ones edited, subject filled in.
+    # (Two placeholders stay as they are: the edit refuses them by name.)
+    if record.subject and record.prompt.count("{}") == 1:
+        record = replace(record, prompt=record.prompt.replace("{}", record.subject))
+    if record.subject and record.rephrase and record.rephrase.count("{}") == 1:
+        record = replace(record, rephrase=record.rephrase.replace("{}", record.subject))
     return record
 
 
@@ -76,6 +82,8 @@ def load_records(
     paths: Sequence[Union[str, Path]], limit: Optional[int] = None, require_target: bool = True
 ) -> List[EditRecord]:
     """Records from one or more JSON files, in order; the project's demo set when none is given."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of edits must be at least 1, got {limit}")
     records: List[EditRecord] = []
     for path in paths or [DEMO_DATA]:
         with open(path, "r", encoding="utf-8") as f:

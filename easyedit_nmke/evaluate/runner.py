@@ -11,6 +11,7 @@ saved, and a restarted run continues from the last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..methods import MethodSpec
 from ..util import nethook
+from ..util.requests import RequestError
 from . import metrics
 from .records import EditRecord
 
@@ -216,14 +218,28 @@ def move_checkpoints(directory: Path, destination: Path) -> Path:
 class _Checkpointer:
     """Saves and restores everything a run needs to continue after an interruption."""
 
-    def __init__(self, directory: Optional[Path], spec: MethodSpec, hparams: Any, records: Sequence[EditRecord]):
+    def __init__(
+        self,
+        directory: Optional[Path],
+        spec: MethodSpec,
+        hparams: Any,
+        records: Sequence[EditRecord],
+        config: RunConfig,
+    ):
         self.directory = directory
         self.spec = spec
         self.hparams = hparams
-        # A checkpoint only fits the same edit sequence with the same hparams.
-        digest = hashlib.sha1(json.dumps([[r.prompt, r.target] for r in records]).encode())
-        digest.update(json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode())
+        # A checkpoint only fits the same records (locality pairs included: their saved
+        # references) with the same hparams, metric and right-after-each-edit scoring.
+        settings = json.dumps(hparams_dict(hparams), sort_keys=True, default=str).encode()
+        digest = hashlib.sha1(json.dumps([dataclasses.astuple(r) for r in records]).encode())
+        digest.update(settings)
+        digest.update(json.dumps({"metric": config.metric, "immediate": config.immediate}).encode())
         self.fingerprint = digest.hexdigest()
+        # Checkpoints written before 2026-11-24 fingerprinted prompts, targets and hparams only.
+        legacy = hashlib.sha1(json.dumps([[r.prompt, r.target] for r in records]).encode())
+        legacy.update(settings)
+        self.legacy_fingerprint = legacy.hexdigest()
 
     def save(
         self,
@@ -271,7 +287,7 @@ class _Checkpointer:
             return None
         ckpt = self.directory / "checkpoint"
         progress = json.loads((ckpt / "progress.json").read_text())
-        if progress.get("records") != self.fingerprint:
+        if progress.get("records") not in (self.fingerprint, self.legacy_fingerprint):
             raise ValueError(
                 f"checkpoint in {self.directory} belongs to another run (different records or hparams); "
                 "use a new --work-dir"
@@ -314,7 +330,16 @@ def run_lifelong(
         hparams=hparams_dict(hparams),
         env=environment(next(model.parameters()).device),
     )
-    checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records)
+    problems = []
+    for i, record in enumerate(records):
+        try:
+            spec.check_request(record.request())
+        except RequestError as exc:
+            problems.append(f"record {i}: {exc}")
+    if problems:  # all at once, before a long run stops at the first of them
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise RequestError(f"{len(problems)} of {n} records cannot be edited by {spec.alg_name}: {shown}")
+    checkpointer = _Checkpointer(Path(work_dir) if work_dir else None, spec, hparams, records, config)
     references: List[Optional[torch.Tensor]] = [None] * n
     if not checkpointer.exists():
         # Locality is measured against the model as it came, before the method's prepare
