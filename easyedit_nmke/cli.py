@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -247,16 +247,37 @@ def run_export_upstream(args: argparse.Namespace) -> List[str]:
     return written
 
 
+def _input_error_types() -> Tuple[type, ...]:
+    """The errors that mean bad input (files, hparams, records, model/SAE mismatch), not a bug.
+
+    Imported when needed: most of these modules import torch, which this module avoids.
+    """
+    from .evaluate.records import RecordError
+    from .models.microedit.sae_io import SAEError
+    from .util.corpus import CorpusError
+    from .util.hparams import HParamsError
+    from .util.model_parts import ArchitectureError
+    from .util.requests import RequestError
+
+    return (RecordError, HParamsError, RequestError, CorpusError, ArchitectureError, SAEError, FileNotFoundError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "edit":
-        run_edit(args)
-    elif args.command == "train-sae":
-        run_train_sae(args, argv)
-    elif args.command == "bench":
-        run_bench(args, argv)
-    elif args.command == "export-upstream":
-        run_export_upstream(args)
+    try:
+        if args.command == "edit":
+            run_edit(args)
+        elif args.command == "train-sae":
+            run_train_sae(args, argv)
+        elif args.command == "bench":
+            run_bench(args, argv)
+        elif args.command == "export-upstream":
+            run_export_upstream(args)
+    except Exception as exc:
+        if isinstance(exc, _input_error_types()):
+            # The message names the problem; a traceback would only bury it.
+            raise SystemExit(f"easyedit-nmke {args.command}: {exc}") from None
+        raise
     return 0
 
 

@@ -285,6 +285,21 @@ def test_cli_overrides_and_hparams_loading():
 
 
 @pytest.mark.integration
+def test_cli_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
+    from easyedit_nmke.cli import main
+
+    text = (REPO / "hparams/NMKE/smollm2-135m.yaml").read_text()
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(text + "\nmask_moed: hybrid\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--hparams", str(bad_yaml), "--num-edits", "1"])
+    assert str(exit_info.value.code).startswith("easyedit-nmke edit: ") and "unknown key" in str(exit_info.value.code)
+    bad_data = tmp_path / "edits.json"
+    bad_data.write_text("[{\"src\": \"Who wrote Hamlet?\",")
+    with pytest.raises(SystemExit, match=r"easyedit-nmke edit: .*edits.json: not valid JSON"):
+        main(["edit", "--data", str(bad_data), "--num-edits", "1"])
+
+
 def test_smollm2_zsre_ten_sequential_edits():
     """10 sequential ZsRE edits on SmolLM2 really edit it and keep unrelated answers.
 

@@ -9,6 +9,10 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Uni
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "demo_edits.json"
 
 
+class RecordError(ValueError):
+    """An edit data file or record that cannot be read (the message names the file and record)."""
+
+
 @dataclass(frozen=True)
 class EditRecord:
     prompt: str
@@ -66,9 +70,9 @@ def record_from_dict(raw: Mapping[str, Any], source: str = "", require_target: b
             ground_truth=_first(raw.get("ground_truth")),
         )
     else:
-        raise ValueError(f"{source}: record has neither 'src' (ZsRE) nor 'prompt' (CounterFact) keys: {sorted(raw)}")
+        raise RecordError(f"{source}: record has neither 'src' (ZsRE) nor 'prompt' (CounterFact) keys: {sorted(raw)}")
     if require_target and not record.target:
-        raise ValueError(f"{source}: record with prompt {record.prompt!r} has an empty target")
+        raise RecordError(f"{source}: record with prompt {record.prompt!r} has an empty target")
     # CounterFact-style templates: the texts evaluated are the ones edited, subject filled in.
     # (Two placeholders stay as they are: the edit refuses them by name.)
     if record.subject and record.prompt.count("{}") == 1:
@@ -83,13 +87,16 @@ def load_records(
 ) -> List[EditRecord]:
     """Records from one or more JSON files, in order; the project's demo set when none is given."""
     if limit is not None and limit < 1:
-        raise ValueError(f"the number of edits must be at least 1, got {limit}")
+        raise RecordError(f"the number of edits must be at least 1, got {limit}")
     records: List[EditRecord] = []
     for path in paths or [DEMO_DATA]:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(raw, list):
-            raise ValueError(f"{path}: expected a JSON list of edit records")
+            raise RecordError(f"{path}: expected a JSON list of edit records")
         for i, item in enumerate(raw):
             records.append(record_from_dict(item, source=f"{path}[{i}]", require_target=require_target))
             if limit is not None and len(records) >= limit:
