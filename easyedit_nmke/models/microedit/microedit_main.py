@@ -52,11 +52,7 @@ def prepare_state(
             )
         # The switch's ARD (and a calibrated τ) depend on these: training with other
         # values would optimise a distance the router does not use.
-        hooked = {
-            "ard_alpha": state.switch.alpha,
-            "massive_norm_factor": state.switch.massive_norm_factor,
-            "sae_k": getattr(state.sae.cfg, "k", None),
-        }
+        hooked = state.sae_settings()
         wanted = {"ard_alpha": hparams.ard_alpha, "massive_norm_factor": hparams.massive_norm_factor}
         if hparams.sae_k is not None:
             wanted["sae_k"] = hparams.sae_k
