@@ -18,27 +18,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_io import command_line, emit  # noqa: E402
+from benchmark_io import command_line, emit, smollm2_attribution_problem, timed  # noqa: E402
 from easyedit_nmke.models.nmke import attribution  # noqa: E402
 
-PROMPTS, D_MODEL, D_FF, VOCAB = 3, 576, 1536, 49152
 KEPT_NEURONS = (846, 799, 808, 803, 772)  # benchmarks/results/masked_null_space_dims.json, layers 4-8
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -47,19 +39,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    gen = torch.Generator().manual_seed(0)
-    unembed = torch.randn(VOCAB, D_MODEL, generator=gen) * 0.05
-    down = torch.randn(D_MODEL, D_FF, generator=gen) * 0.05
-    norm = attribution.ReadoutNorm("rms", torch.ones(D_MODEL))
-    hidden = torch.randn(PROMPTS, D_MODEL, generator=gen)
-    acts = torch.randn(PROMPTS, D_FF, generator=gen).abs() * 0.3
-    tokens = torch.randint(0, VOCAB, (PROMPTS,), generator=gen)
-    readout = attribution.readout_product(unembed, down, norm)
-
-    def call() -> torch.Tensor:
-        return attribution.neuron_attribution_scores(
-            hidden, acts, down, unembed, norm, tokens, readout=readout, backend="torch"
-        )
+    p = smollm2_attribution_problem()
+    call = p.scores
 
     # Tiles, interleaved.
     shipped = attribution.CPU_TILE_ELEMENTS
@@ -82,7 +63,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # One compiled pass against the shipped call.
     problem = attribution._prepare(
-        hidden, acts, down, unembed, norm, tokens, 30.0, None, readout, attribution._default_budget(torch.device("cpu"))
+        p.hidden, p.acts, p.down, p.unembed, p.norm, p.tokens, 30.0, None, p.readout,
+        attribution._default_budget(torch.device("cpu")),
     )
     scale = problem.inv_r * attribution._LOG2E
     shift = problem.ref_logit * -attribution._LOG2E
@@ -91,10 +73,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return torch.exp2((a[:, :, None] + c[:, None, :] * w[None]) * s[:, None, :] + r[:, None, :]).sum(1)
 
     compiled = torch.compile(fused, dynamic=False)
-    compile_s = timed(lambda: compiled(problem.a, readout, problem.c, scale, shift))
-    lse = problem.ref_logit + torch.log2(compiled(problem.a, readout, problem.c, scale, shift)) * attribution._LN2
+    compile_s = timed(lambda: compiled(problem.a, p.readout, problem.c, scale, shift))
+    lse = problem.ref_logit + torch.log2(compiled(problem.a, p.readout, problem.c, scale, shift)) * attribution._LN2
     max_abs_diff = float((problem.target_logit - lse - problem.base_logprob[:, None] - call()).abs().max())
-    pairs = [(timed(call), timed(lambda: compiled(problem.a, readout, problem.c, scale, shift))) for _ in range(20)]
+    pairs = [(timed(call), timed(lambda: compiled(problem.a, p.readout, problem.c, scale, shift))) for _ in range(20)]
     compiled_result = {
         "compile_and_first_call_s": compile_s,
         "shipped_median_s": statistics.median(p[0] for p in pairs),
@@ -103,11 +85,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
 
     # Five eigendecompositions per edit.
-    corpus = torch.randn(8000, D_FF, generator=gen) @ (torch.randn(D_FF, D_FF, generator=gen) * 0.03)
+    corpus = torch.randn(8000, p.d_ff, generator=p.generator) @ (torch.randn(p.d_ff, p.d_ff, generator=p.generator) * 0.03)
     moment = corpus.T @ corpus / corpus.shape[0]
     mats = []
     for kept in KEPT_NEURONS:
-        index = torch.randperm(D_FF, generator=gen)[:kept].sort().values
+        index = torch.randperm(p.d_ff, generator=p.generator)[:kept].sort().values
         mats.append(moment[index][:, index].contiguous())
 
     def all_eigh() -> None:
@@ -126,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     result = {
         "command": command_line(),
-        "shapes": {"prompts": PROMPTS, "d_model": D_MODEL, "d_ff": D_FF, "vocab": VOCAB, "kept": KEPT_NEURONS},
+        "shapes": {"prompts": p.prompts, "d_model": p.d_model, "d_ff": p.d_ff, "vocab": p.vocab, "kept": KEPT_NEURONS},
         "tiles": tiles,
         "compiled": compiled_result,
         "eigh": eigh,

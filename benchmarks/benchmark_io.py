@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 
@@ -39,3 +40,36 @@ def emit(result: Dict[str, Any], out: Optional[Path]) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def smollm2_attribution_problem(seed: int = 0) -> SimpleNamespace:
+    """Random attribution inputs at SmolLM2's shapes (3 prompts, d 576, d_ff 1,536, vocabulary
+    49,152) with a cached readout, and ``scores()``: one shipped attribution call on them."""
+    import torch
+
+    from easyedit_nmke.models.nmke.attribution import ReadoutNorm, neuron_attribution_scores, readout_product
+
+    prompts, d_model, d_ff, vocab = 3, 576, 1536, 49152
+    gen = torch.Generator().manual_seed(seed)
+    p = SimpleNamespace(prompts=prompts, d_model=d_model, d_ff=d_ff, vocab=vocab)
+    p.unembed = torch.randn(vocab, d_model, generator=gen) * 0.05
+    p.down = torch.randn(d_model, d_ff, generator=gen) * 0.05
+    p.norm = ReadoutNorm("rms", torch.ones(d_model))
+    p.hidden = torch.randn(prompts, d_model, generator=gen)
+    p.acts = torch.randn(prompts, d_ff, generator=gen).abs() * 0.3
+    p.tokens = torch.randint(0, vocab, (prompts,), generator=gen)
+    p.readout = readout_product(p.unembed, p.down, p.norm)
+    p.generator = gen  # for further inputs drawn after these
+    p.scores = lambda: neuron_attribution_scores(
+        p.hidden, p.acts, p.down, p.unembed, p.norm, p.tokens, readout=p.readout, backend="torch"
+    )
+    return p
+
+
+def timed(fn: Any) -> float:
+    """Wall-clock seconds of one call of ``fn()``."""
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -32,15 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_io import command_line, emit  # noqa: E402
-from easyedit_nmke.models.nmke.attribution import (  # noqa: E402
-    CPU_TILE_ELEMENTS,
-    ReadoutNorm,
-    neuron_attribution_scores,
-    readout_product,
-)
-
-PROMPTS, D_MODEL, D_FF, VOCAB = 3, 576, 1536, 49152
+from benchmark_io import command_line, emit, smollm2_attribution_problem, timed  # noqa: E402
+from easyedit_nmke.models.nmke.attribution import CPU_TILE_ELEMENTS  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -50,24 +42,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    unembed = torch.randn(VOCAB, D_MODEL, generator=gen) * 0.05
-    down = torch.randn(D_MODEL, D_FF, generator=gen) * 0.05
-    norm = ReadoutNorm("rms", torch.ones(D_MODEL))
-    hidden = torch.randn(PROMPTS, D_MODEL, generator=gen)
-    acts = torch.randn(PROMPTS, D_FF, generator=gen).abs() * 0.3
-    tokens = torch.randint(0, VOCAB, (PROMPTS,), generator=gen)
-    readout = readout_product(unembed, down, norm)
+    problem = smollm2_attribution_problem()
+    gen = problem.generator
+    prompts, d_ff, vocab = problem.prompts, problem.d_ff, problem.vocab
 
     # One tile of the attribution's size; as many sweeps as one call makes.
-    tile_rows = CPU_TILE_ELEMENTS // (PROMPTS * D_FF)
-    tile = torch.randn(PROMPTS, tile_rows, D_FF, generator=gen) * -3
+    tile_rows = CPU_TILE_ELEMENTS // (prompts * d_ff)
+    tile = torch.randn(prompts, tile_rows, d_ff, generator=gen) * -3
     tile_out = torch.empty_like(tile)
-    sweeps = -(-VOCAB // tile_rows)
+    sweeps = -(-vocab // tile_rows)
     square = torch.randn(1024, 1024, generator=gen)
 
     def attribution() -> None:
-        neuron_attribution_scores(hidden, acts, down, unembed, norm, tokens, readout=readout, backend="torch")
+        problem.scores()
 
     def exp2_only() -> None:
         for _ in range(sweeps):
@@ -77,11 +64,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     def matmuls() -> None:
         for _ in range(8):
             square @ square
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
 
     attribution()  # warm-up
     rounds = [(timed(attribution), timed(exp2_only), timed(matmuls)) for _ in range(args.rounds)]
@@ -100,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     result = {
         "command": command_line(),
         "threads": args.threads,
-        "shapes": {"prompts": PROMPTS, "d_model": D_MODEL, "d_ff": D_FF, "vocab": VOCAB},
+        "shapes": {"prompts": prompts, "d_model": problem.d_model, "d_ff": d_ff, "vocab": vocab},
         "slow_cut_s": cut,
         "summary": summary,
         "timeline": "".join("S" if r[0] > cut else "." for r in rounds),  # S: a slow round
